@@ -1,0 +1,242 @@
+"""
+Command-line options and environment variables, resolved into one checked
+L{Settings}. The command line wins over the environment, which wins over the
+default; the environment names are the original issuer's, so its manifests work.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+from twisted.python import usage
+
+from tokenissuer.cors import CorsPolicy, OriginError
+from tokenissuer.pemfiles import PemError, readFile
+from tokenissuer.signer import MINIMUM_HMAC_KEY_BYTES
+from tokenissuer.tls import CLIENT_AUTH_MODES
+
+MAX_TTL = 86400
+DEV_ORIGINS = ("http://localhost:*", "http://127.0.0.1:*")
+DEV_LISTEN = "tcp:4443:interface=127.0.0.1"
+
+
+class ConfigError(ValueError):
+    """A setting is unusable; the message is one line and never holds a secret."""
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    env: str | None
+    default: str | None
+    help: str
+
+
+OPTIONS = (
+    Option("listen", "TOK_ISS_LISTEN", "tcp:4443", "Twisted server endpoint string of the TCP socket TLS runs on"),
+    Option("cert", "TOK_ISS_FILE_CERT", "server.crt", "PEM server certificate, intermediates after it"),
+    Option("key", "TOK_ISS_FILE_KEY", "server.pem", "PEM private key of the server certificate"),
+    Option("client-ca", "TOK_ISS_FILE_ROOT", "private-tls-ca.pem", "PEM bundle of CAs trusted for client certificates"),
+    Option(
+        "hmac-secret-file",
+        "TOK_ISS_HMAC_SECRET_FILE",
+        None,
+        "file holding the HMAC key (one trailing newline is ignored); otherwise "
+        "TOK_ISS_HMAC_SECRET holds the key itself; at least 32 bytes",
+    ),
+    Option("issuer", "TOK_ISS_NAME", "daheim_token_issuer", "value of the iss claim"),
+    Option("audiences", "TOK_ISS_ALLOWED_AUDIENCES", None, "space-separated audiences that may be requested (unset: any)"),
+    Option(
+        "origins",
+        "TOK_ISS_ALLOWED_ORIGINS",
+        None,
+        "space-separated web origins (scheme://host[:port], port * for any) that may call cross-origin (unset: none)",
+    ),
+    Option("ttl", "TOK_ISS_TOKEN_TTL", "3600", "token lifetime in seconds, from iat to exp (1-86400)"),
+    Option("client-auth", "TOK_ISS_CLIENT_AUTH", "optional", "optional: certificate checked per request; required: at the handshake"),
+    Option("dev-dir", "TOK_ISS_DEV_DIR", "tokenissuer-dev", "folder for the development PKI and key (with --dev)"),
+)
+
+
+def _helpText(option: Option) -> str:
+    parts = [option.help]
+    if option.env:
+        parts.append(f"[env {option.env}]")
+    if option.name == "hmac-secret-file":
+        parts.append("[env TOK_ISS_HMAC_SECRET: the key itself]")
+    parts.append(f"[default: {option.default}]" if option.default is not None else "")
+    return " ".join(part for part in parts if part)
+
+
+class IssuerOptions(usage.Options):
+    """twistd tokenissuer [options]; every option also reads an environment variable."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Serve HTTPS on the listen endpoint and answer POST /jwthmac/issue with a short-lived "
+        "JWT for the caller's verified TLS client certificate. Options override environment variables."
+    )
+    optParameters = [[option.name, None, None, _helpText(option)] for option in OPTIONS]
+    optFlags = [
+        [
+            "dev",
+            None,
+            "development mode: create a throwaway PKI and HMAC key in --dev-dir if missing, "
+            "listen on 127.0.0.1:4443, allow http://localhost and http://127.0.0.1 origins",
+        ]
+    ]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting, resolved and checked (the HMAC key is held but never shown)."""
+
+    listen: str
+    cert: str
+    key: str
+    clientCA: str
+    hmacKey: bytes
+    hmacKeySource: str
+    issuer: str
+    audiences: frozenset[str] | None
+    origins: CorsPolicy
+    ttl: int
+    clientAuth: str
+    dev: bool
+    devDir: str
+
+    def __repr__(self) -> str:
+        return (
+            f"Settings(listen={self.listen!r}, issuer={self.issuer!r}, audiences={self.audiences!r}, "
+            f"origins={str(self.origins)!r}, ttl={self.ttl}, clientAuth={self.clientAuth!r}, hmacKey=<redacted>)"
+        )
+
+
+def _raw(options: Mapping[str, object], environ: Mapping[str, str], name: str) -> tuple[str | None, str]:
+    """The value of one option and where it came from."""
+    option = next(o for o in OPTIONS if o.name == name)
+    value = options.get(name)
+    if value is not None:
+        return str(value), f"--{name}"
+    if option.env and option.env in environ:
+        return environ[option.env], option.env
+    return option.default, "default"
+
+
+def readHmacKeyFile(path: str) -> bytes:
+    """The key is the file's bytes, minus one trailing newline left by editors and echo."""
+    try:
+        data = readFile(path, "HMAC key")
+    except PemError as error:
+        raise ConfigError(str(error)) from None
+    if data.endswith(b"\r\n"):
+        return data[:-2]
+    if data.endswith(b"\n"):
+        return data[:-1]
+    return data
+
+
+def _hmacKey(options: Mapping[str, object], environ: Mapping[str, str]) -> tuple[bytes, str]:
+    path, source = _raw(options, environ, "hmac-secret-file")
+    if path is not None:
+        key, where = readHmacKeyFile(path), f"file {path!r}"
+    elif "TOK_ISS_HMAC_SECRET" in environ:
+        key, where = environ["TOK_ISS_HMAC_SECRET"].encode("utf-8"), "TOK_ISS_HMAC_SECRET"
+    else:
+        raise ConfigError("no HMAC key: set TOK_ISS_HMAC_SECRET or give --hmac-secret-file")
+    if len(key) < MINIMUM_HMAC_KEY_BYTES:
+        raise ConfigError(
+            f"the HMAC key from {where} is {len(key)} bytes; HS256 needs at least "
+            f"{MINIMUM_HMAC_KEY_BYTES} bytes (RFC 7518 section 3.2)"
+        )
+    return key, where
+
+
+def _ttl(text: str, source: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ConfigError(f"token lifetime {text!r} from {source} is not a whole number of seconds") from None
+    if not 1 <= value <= MAX_TTL:
+        raise ConfigError(f"token lifetime {value} from {source} is outside 1-{MAX_TTL} seconds")
+    return value
+
+
+def resolveSettings(options: Mapping[str, object], environ: Mapping[str, str] | None = None) -> Settings:
+    """Combine command line, environment and defaults into checked L{Settings}."""
+    if environ is None:
+        environ = os.environ
+    dev = bool(options.get("dev"))
+    devDir, _ = _raw(options, environ, "dev-dir")
+    assert devDir is not None
+
+    listen, listenSource = _raw(options, environ, "listen")
+    if dev and listenSource == "default":
+        listen = DEV_LISTEN
+    assert listen is not None
+    if not listen.strip():
+        raise ConfigError(f"the listen endpoint from {listenSource} is empty")
+    kind = listen.split(":", 1)[0].strip().lower()
+    if kind in ("ssl", "tls", "le", "lets"):
+        raise ConfigError(
+            f"listen endpoint {listen!r}: tokenissuer adds TLS itself; give a plain TCP endpoint such as tcp:4443"
+        )
+
+    cert, _ = _raw(options, environ, "cert")
+    key, _ = _raw(options, environ, "key")
+    clientCA, _ = _raw(options, environ, "client-ca")
+    if dev:
+        from tokenissuer.devpki import DevFiles
+
+        files = DevFiles(devDir)
+        cert, key, clientCA = files.serverCert, files.serverKey, files.caCert
+        hmacKey, hmacSource = readHmacKeyFile(files.hmacKey), f"file {files.hmacKey!r}"
+    else:
+        hmacKey, hmacSource = _hmacKey(options, environ)
+    assert cert is not None and key is not None and clientCA is not None
+
+    issuer, issuerSource = _raw(options, environ, "issuer")
+    if not issuer or not issuer.strip():
+        raise ConfigError(f"the issuer name from {issuerSource} is empty")
+
+    audiencesText, _ = _raw(options, environ, "audiences")
+    audienceList = audiencesText.split() if audiencesText else []
+    audiences = frozenset(audienceList) if audienceList else None
+
+    originsText, originsSource = _raw(options, environ, "origins")
+    originList = originsText.split() if originsText else []
+    if dev:
+        originList = [*DEV_ORIGINS, *originList]
+    try:
+        origins = CorsPolicy.fromStrings(originList)
+    except OriginError as error:
+        raise ConfigError(f"allowed origin from {originsSource}: {error}") from None
+
+    ttlText, ttlSource = _raw(options, environ, "ttl")
+    assert ttlText is not None
+    ttl = _ttl(ttlText, ttlSource)
+
+    clientAuthText, clientAuthSource = _raw(options, environ, "client-auth")
+    clientAuth = (clientAuthText or "").strip().lower()
+    if clientAuth not in CLIENT_AUTH_MODES:
+        raise ConfigError(
+            f"client-auth {clientAuthText!r} from {clientAuthSource} must be one of: {', '.join(CLIENT_AUTH_MODES)}"
+        )
+
+    return Settings(
+        listen=listen,
+        cert=cert,
+        key=key,
+        clientCA=clientCA,
+        hmacKey=hmacKey,
+        hmacKeySource=hmacSource,
+        issuer=issuer,
+        audiences=audiences,
+        origins=origins,
+        ttl=ttl,
+        clientAuth=clientAuth,
+        dev=dev,
+        devDir=devDir,
+    )

@@ -1,0 +1,108 @@
+"""
+Read and check the PEM files the service needs, with clear errors.
+
+Everything here fails with L{PemError}, whose message names the file and the
+problem in one sentence and never includes key material.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+
+class PemError(ValueError):
+    """A PEM file is missing, unreadable or unusable."""
+
+
+def readFile(path: str, what: str) -> bytes:
+    """Read a whole file, turning OS errors into one readable sentence."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise PemError(f"{what} file {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise PemError(f"{what} file {path!r} is a directory") from None
+    except PermissionError:
+        raise PemError(f"{what} file {path!r} is not readable (permission denied)") from None
+    except OSError as error:
+        raise PemError(f"{what} file {path!r} cannot be read: {error.strerror}") from None
+
+
+def _loadCertificates(path: str, what: str) -> list[x509.Certificate]:
+    data = readFile(path, what)
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        certificates = []
+    if not certificates:
+        raise PemError(f"{what} file {path!r} holds no PEM certificate")
+    return certificates
+
+
+@dataclass(frozen=True)
+class ServerIdentity:
+    """The server's certificate chain (leaf first) and its private key."""
+
+    chain: list[x509.Certificate]
+    key: PrivateKeyTypes
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return self.chain[0]
+
+    def describe(self) -> str:
+        """Subject and expiry, for the start-up summary."""
+        return f"{self.leaf.subject.rfc4514_string()} (expires {self.leaf.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ})"
+
+
+def _publicKeysMatch(certificate: x509.Certificate, key: PrivateKeyTypes) -> bool:
+    der = serialization.Encoding.DER
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    return certificate.public_key().public_bytes(der, spki) == key.public_key().public_bytes(der, spki)
+
+
+def loadServerIdentity(certPath: str, keyPath: str) -> ServerIdentity:
+    """Load the server certificate chain and key; refuse a key that does not match."""
+    chain = _loadCertificates(certPath, "server certificate")
+    keyData = readFile(keyPath, "server key")
+    try:
+        key = serialization.load_pem_private_key(keyData, password=None)
+    except TypeError:
+        raise PemError(f"server key file {keyPath!r} is encrypted; give an unencrypted PEM key") from None
+    except (ValueError, Exception):
+        raise PemError(f"server key file {keyPath!r} holds no usable PEM private key") from None
+    if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)):
+        raise PemError(f"server key file {keyPath!r} holds a key type TLS cannot use")
+    if not _publicKeysMatch(chain[0], key):
+        raise PemError(
+            f"server key file {keyPath!r} does not match the first certificate in {certPath!r}"
+        )
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if chain[0].not_valid_after_utc < now:
+        raise PemError(
+            f"server certificate in {certPath!r} expired on {chain[0].not_valid_after_utc:%Y-%m-%d}"
+        )
+    return ServerIdentity(chain=chain, key=key)
+
+
+def loadClientCAs(path: str) -> list[x509.Certificate]:
+    """Load the bundle of CAs trusted to issue client certificates."""
+    certificates = _loadCertificates(path, "client CA bundle")
+    for certificate in certificates:
+        try:
+            constraints = certificate.extensions.get_extension_for_class(x509.BasicConstraints).value
+        except x509.ExtensionNotFound:
+            continue
+        if not constraints.ca:
+            raise PemError(
+                f"client CA bundle {path!r} contains {certificate.subject.rfc4514_string()!r}, "
+                "which is not a CA certificate"
+            )
+    return certificates

@@ -1,0 +1,358 @@
+"""
+The HTTP side: a twisted.web resource tree that answers CORS preflights without a
+client certificate and issues tokens only to requests whose own connection
+carries a verified one.
+
+Every answer is JSON; every refusal is C{{"error": code, "message": text}} and is
+logged once with its reason. Tokens and keys are never logged.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any, Callable
+
+from twisted.logger import Logger
+from twisted.web import http, resource, server
+from twisted.web.iweb import IRequest
+
+from tokenissuer.cors import CorsPolicy
+from tokenissuer.signer import HmacTokenSigner
+from tokenissuer.tls import ClientIdentity, clientIdentityOf
+
+#: The largest request body read; anything longer is answered 413 without being kept.
+MAX_BODY_BYTES = 4096
+#: Longest audience accepted; longer ones are refused before the allow-list check.
+MAX_AUDIENCE_LENGTH = 256
+#: Seconds an idle connection may stay open between requests.
+IDLE_TIMEOUT = 60
+
+ISSUE_METHODS = (b"OPTIONS", b"POST")
+
+log = Logger()
+
+
+class ApiError(Exception):
+    """A refusal to be sent as JSON; C{code} is stable, C{message} is for people."""
+
+    def __init__(self, status: int, code: str, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+
+@dataclass(frozen=True)
+class IssuePolicy:
+    """What the issue endpoint needs to decide and mint, without any HTTP in it."""
+
+    signer: HmacTokenSigner
+    cors: CorsPolicy
+    audiences: frozenset[str] | None  # None: any non-empty audience
+
+
+def _rejectConstant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _noDuplicateKeys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def parseIssueBody(body: bytes, algorithm: str) -> str:
+    """
+    Return the requested audience from a request body, or raise L{ApiError} 400.
+
+    Strict on purpose: UTF-8 only, no duplicate keys, no NaN, a JSON object with
+    a non-empty string C{audience}; an C{algorithm}, when given, must match ours.
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "body_not_utf8", "The request body is not valid UTF-8; send UTF-8 encoded JSON.") from None
+    try:
+        document = json.loads(text, object_pairs_hook=_noDuplicateKeys, parse_constant=_rejectConstant)
+    except (ValueError, RecursionError):
+        raise ApiError(
+            400, "malformed_json", 'The request body is not valid JSON; send {"audience": "<name>"}.'
+        ) from None
+    if not isinstance(document, dict):
+        raise ApiError(400, "body_not_object", 'The request body must be a JSON object like {"audience": "<name>"}.')
+    if "audience" not in document:
+        raise ApiError(400, "audience_missing", 'The request body has no "audience"; send {"audience": "<name>"}.')
+    audience = document["audience"]
+    if not isinstance(audience, str):
+        raise ApiError(400, "audience_not_string", 'The "audience" must be a JSON string.')
+    if not audience:
+        raise ApiError(400, "audience_empty", 'The "audience" must not be empty.')
+    if len(audience) > MAX_AUDIENCE_LENGTH or any(ord(c) < 0x20 or c == "\x7f" for c in audience):
+        raise ApiError(
+            400,
+            "audience_invalid",
+            f'The "audience" must be at most {MAX_AUDIENCE_LENGTH} characters without control characters.',
+        )
+    if "algorithm" in document and document["algorithm"] != algorithm:
+        raise ApiError(
+            400,
+            "algorithm_mismatch",
+            f'This issuer signs with {algorithm}; send "algorithm": "{algorithm}" or leave it out.',
+        )
+    return audience
+
+
+def _isJsonContentType(value: bytes | None) -> bool:
+    if value is None:
+        return False
+    mediaType, _, parameters = value.decode("latin-1").partition(";")
+    if mediaType.strip().lower() != "application/json":
+        return False
+    for parameter in parameters.split(";"):
+        name, _, paramValue = parameter.partition("=")
+        if name.strip().lower() == "charset" and paramValue.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            return False
+    return True
+
+
+class IssuerRequest(server.Request):
+    """A request that never keeps more than L{MAX_BODY_BYTES} of its body."""
+
+    bodyTooLarge = False
+    _bodyBytes = 0
+
+    def gotLength(self, length: int | None) -> None:
+        self.content = BytesIO()
+        self._bodyBytes = 0
+        if length is not None and length > MAX_BODY_BYTES:
+            self.bodyTooLarge = True
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.bodyTooLarge:
+            return
+        self._bodyBytes += len(data)
+        if self._bodyBytes > MAX_BODY_BYTES:
+            self.bodyTooLarge = True
+            self.content = BytesIO()
+            return
+        self.content.write(data)
+
+
+class IssuerChannel(http.HTTPChannel):
+    """An HTTP/1.1 channel that answers an oversized declared body at once."""
+
+    def allHeadersReceived(self) -> None:
+        super().allHeadersReceived()
+        request = self.requests[-1]
+        if getattr(request, "bodyTooLarge", False):
+            # Skip the body entirely: answer 413 now and close afterwards,
+            # instead of reading data we are going to throw away.
+            self.persistent = False
+            self.length = 0
+
+
+def _send(request: IRequest, status: int, document: dict[str, Any] | None, headers: list[tuple[bytes, bytes]]) -> bytes:
+    request.setResponseCode(status)
+    for name, value in headers:
+        request.setHeader(name, value)
+    request.setHeader(b"Server", b"tokenissuer")
+    request.setHeader(b"Cache-Control", b"no-store")
+    request.setHeader(b"X-Content-Type-Options", b"nosniff")
+    if document is None:
+        return b""
+    request.setHeader(b"Content-Type", b"application/json")
+    return json.dumps(document, separators=(",", ":")).encode("utf-8")
+
+
+def _peer(request: IRequest) -> str:
+    address = request.getClientAddress()
+    host = getattr(address, "host", None)
+    return f"{host}:{address.port}" if host is not None else str(address)  # type: ignore[attr-defined]
+
+
+class JsonErrorResource(resource.Resource):
+    """A JSON answer for paths and methods that do not exist."""
+
+    isLeaf = True
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__()
+        self.status, self.code, self.message = status, code, message
+
+    def render(self, request: IRequest) -> bytes:
+        log.info(
+            "refused {method} {path} from {peer}: {reason}",
+            method=request.method.decode("latin-1"),
+            path=request.path.decode("latin-1", "replace")[:200],
+            peer=_peer(request),
+            reason=self.code,
+        )
+        return _send(request, self.status, {"error": self.code, "message": self.message}, [])
+
+
+class JsonDirectory(resource.Resource):
+    """An inner node of the tree whose unknown children answer a JSON 404."""
+
+    def getChild(self, path: bytes, request: IRequest) -> resource.Resource:
+        return NOT_FOUND
+
+    def render(self, request: IRequest) -> bytes:
+        return NOT_FOUND.render(request)
+
+
+NOT_FOUND = JsonErrorResource(
+    404, "not_found", "No such endpoint; request tokens with POST /jwthmac/issue or POST /jwt/issue."
+)
+
+
+class IssueResource(resource.Resource):
+    """
+    C{/jwthmac/issue} and C{/jwt/issue}: OPTIONS answers CORS preflights without
+    a client certificate; POST mints a token for the connection's verified
+    client certificate.
+    """
+
+    isLeaf = True
+
+    def __init__(self, policy: IssuePolicy, identify: Callable[[Any], ClientIdentity] = clientIdentityOf):
+        super().__init__()
+        self.policy = policy
+        self._identify = identify
+
+    def render(self, request: IRequest) -> bytes:
+        try:
+            return self._render(request)
+        except Exception:
+            # Never a traceback to the client; the log gets it (no token is in scope here).
+            log.failure("internal error while answering {path}", path=request.path.decode("latin-1", "replace")[:200])
+            request.responseHeaders = http.Headers()  # type: ignore[attr-defined]
+            return _send(
+                request,
+                500,
+                {"error": "internal_error", "message": "The issuer failed to answer; its log has the details."},
+                [],
+            )
+
+    def _render(self, request: IRequest) -> bytes:
+        headers: list[tuple[bytes, bytes]] = [(b"Vary", b"Origin")]
+        originHeader = request.getHeader(b"origin")
+        origin = originHeader.decode("latin-1") if originHeader is not None else None
+        context = {"peer": _peer(request), "origin": origin}
+        try:
+            if request.postpath:
+                raise ApiError(404, NOT_FOUND.code, NOT_FOUND.message)
+            if origin is not None:
+                if not self.policy.cors.isAllowed(origin):
+                    raise ApiError(
+                        403,
+                        "origin_not_allowed",
+                        f"The origin {origin[:100]} may not call this issuer; ask its operator to add it to TOK_ISS_ALLOWED_ORIGINS.",
+                    )
+                headers.extend(self.policy.cors.responseHeaders(origin))
+            if request.method == b"OPTIONS":
+                return self._preflight(request, origin, headers)
+            if request.method != b"POST":
+                raise ApiError(
+                    405,
+                    "method_not_allowed",
+                    "Use POST to request a token (OPTIONS is answered for CORS preflights).",
+                    ((b"Allow", b", ".join(ISSUE_METHODS)),),
+                )
+            return self._issue(request, headers, context)
+        except ApiError as refusal:
+            log.info(
+                "refused {method} {path} from {peer} (origin {origin}, subject {sub}): {reason}",
+                method=request.method.decode("latin-1"),
+                path=request.path.decode("latin-1", "replace")[:200],
+                reason=refusal.code,
+                sub=context.get("sub"),
+                **{k: v for k, v in context.items() if k != "sub"},
+            )
+            headers.extend(refusal.headers)
+            if refusal.status == 413:
+                headers.append((b"Connection", b"close"))
+            return _send(request, refusal.status, {"error": refusal.code, "message": refusal.message}, headers)
+
+    def _preflight(self, request: IRequest, origin: str | None, headers: list[tuple[bytes, bytes]]) -> bytes:
+        headers.append((b"Allow", b", ".join(ISSUE_METHODS)))
+        if origin is not None and request.getHeader(b"access-control-request-method") is not None:
+            headers.extend(self.policy.cors.preflightHeaders())
+        return _send(request, 204, None, headers)
+
+    def _issue(self, request: IRequest, headers: list[tuple[bytes, bytes]], context: dict[str, Any]) -> bytes:
+        identity = self._identify(request.transport)  # type: ignore[attr-defined]
+        if identity.certificate is None:
+            hint = (
+                " Browsers send it on cross-origin calls only with fetch(..., {credentials: 'include'})."
+                if context["origin"] is not None
+                else ""
+            )
+            raise ApiError(
+                401,
+                "client_certificate_required",
+                "This connection carries no verified client certificate; present one issued by a trusted CA." + hint,
+            )
+        subject = identity.commonName
+        if not subject:
+            raise ApiError(403, "subject_missing", "The client certificate's subject has no common name (CN).")
+        context["sub"] = subject
+        if not _isJsonContentType(request.getHeader(b"content-type")):
+            raise ApiError(415, "unsupported_media_type", "Send the request body as Content-Type: application/json.")
+        if getattr(request, "bodyTooLarge", False):
+            raise ApiError(413, "body_too_large", f"The request body is larger than {MAX_BODY_BYTES} bytes.")
+        body = request.content.read() if request.content is not None else b""  # type: ignore[attr-defined]
+        audience = parseIssueBody(body, self.policy.signer.algorithm)
+        context["aud"] = audience
+        allowed = self.policy.audiences
+        if allowed is not None and audience not in allowed:
+            raise ApiError(
+                403, "audience_not_allowed", f"This issuer does not issue tokens for the audience {audience[:100]!r}."
+            )
+        minted = self.policy.signer.mint(subject=subject, audience=audience)
+        log.info(
+            "issued token sub={sub!r} aud={aud!r} jti={jti} peer={peer} origin={origin}",
+            sub=subject,
+            aud=audience,
+            jti=minted.claims["jti"],
+            peer=context["peer"],
+            origin=context["origin"],
+        )
+        return _send(
+            request,
+            200,
+            {"token": minted.token, "expires_in": self.policy.signer.ttl},
+            headers,
+        )
+
+
+def buildResourceTree(policy: IssuePolicy) -> resource.Resource:
+    """The whole URL space: two issue paths, JSON 404 everywhere else."""
+    root = JsonDirectory()
+    issue = IssueResource(policy)
+    for prefix in (b"jwthmac", b"jwt"):
+        branch = JsonDirectory()
+        branch.putChild(b"issue", issue)
+        root.putChild(prefix, branch)
+    return root
+
+
+class IssuerSite(server.Site):
+    """A Site with our request and channel types and no per-request access log (we log events)."""
+
+    requestFactory = IssuerRequest
+    protocol = IssuerChannel  # type: ignore[assignment]
+    displayTracebacks = False
+    noisy = False
+
+    def __init__(self, root: resource.Resource, reactor: Any = None):
+        kwargs = {"reactor": reactor} if reactor is not None else {}
+        super().__init__(root, timeout=IDLE_TIMEOUT, **kwargs)
+
+    def log(self, request: Any) -> None:
+        pass
