@@ -88,6 +88,13 @@ def makeCA(commonName: str = "tokenissuer development CA", days: int = 3650) -> 
     return Issued(certificate, key)
 
 
+def _subject(commonName: str) -> x509.Name:
+    """A subject with this common name; an empty one gives a subject without CN."""
+    if not commonName:
+        return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "no common name")])
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, commonName)])
+
+
 def issue(
     ca: Issued,
     commonName: str,
@@ -104,7 +111,7 @@ def issue(
     now = _now()
     builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, commonName)]))
+        .subject_name(_subject(commonName))
         .issuer_name(ca.certificate.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())

@@ -331,10 +331,12 @@ class IssueResource(resource.Resource):
         )
 
 
-def buildResourceTree(policy: IssuePolicy) -> resource.Resource:
+def buildResourceTree(
+    policy: IssuePolicy, identify: Callable[[Any], ClientIdentity] = clientIdentityOf
+) -> resource.Resource:
     """The whole URL space: two issue paths, JSON 404 everywhere else."""
     root = JsonDirectory()
-    issue = IssueResource(policy)
+    issue = IssueResource(policy, identify)
     for prefix in (b"jwthmac", b"jwt"):
         branch = JsonDirectory()
         branch.putChild(b"issue", issue)
