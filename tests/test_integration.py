@@ -251,6 +251,32 @@ class IssuerOverTLSTests(TestCase):
             response = await self.inThread(withCurve, accepted)
             self.assertEqual(response.status, 200, accepted)
 
+    async def test_clientRenegotiationRefused(self) -> None:
+        """A TLS 1.2 client asking to renegotiate gets "no renegotiation" (pyOpenSSL as the client)."""
+        import socket
+
+        from OpenSSL import SSL
+
+        def renegotiate() -> str:
+            context = SSL.Context(SSL.TLS_METHOD)
+            context.set_max_proto_version(SSL.TLS1_2_VERSION)
+            context.use_certificate_file(self.certFile)
+            context.use_privatekey_file(self.keyFile)
+            raw = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+            connection = SSL.Connection(context, raw)
+            connection.set_connect_state()
+            connection.do_handshake()
+            try:
+                connection.renegotiate()
+                connection.do_handshake()
+            except SSL.Error as error:
+                return str(error)
+            finally:
+                raw.close()
+            return "renegotiated"
+
+        self.assertIn("no renegotiation", await self.inThread(renegotiate))
+
     async def test_noCompression(self) -> None:
         client = self.client(self.pki.client, "good")
 
