@@ -254,6 +254,7 @@ class IssuerOverTLSTests(TestCase):
     async def test_clientRenegotiationRefused(self) -> None:
         """A TLS 1.2 client asking to renegotiate gets "no renegotiation" (pyOpenSSL as the client)."""
         import socket
+        import struct
 
         from OpenSSL import SSL
 
@@ -262,7 +263,9 @@ class IssuerOverTLSTests(TestCase):
             context.set_max_proto_version(SSL.TLS1_2_VERSION)
             context.use_certificate_file(self.certFile)
             context.use_privatekey_file(self.keyFile)
-            raw = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+            raw = socket.create_connection(("127.0.0.1", self.port))
+            # pyOpenSSL needs a blocking socket; bound the wait at the OS level instead.
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 10, 0))
             connection = SSL.Connection(context, raw)
             connection.set_connect_state()
             connection.do_handshake()
