@@ -35,7 +35,7 @@ class TestPKI:
     def __init__(self, folder: str) -> None:
         os.makedirs(folder, exist_ok=True)
         self.folder = folder
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         self.ca = devpki.makeCA("tokenissuer test CA")
         self.otherCA = devpki.makeCA("some other CA")
         self.server = devpki.issueServer(self.ca)
@@ -150,7 +150,9 @@ class Client:
             context.maximum_version = self.maxVersion
         return context
 
-    def connect(self, session: ssl.SSLSession | None = None, context: ssl.SSLContext | None = None) -> http.client.HTTPConnection:
+    def connect(
+        self, session: ssl.SSLSession | None = None, context: ssl.SSLContext | None = None
+    ) -> http.client.HTTPConnection:
         """Open one TLS connection (optionally resuming C{session}) for several requests."""
         raw = socket.create_connection(("127.0.0.1", self.port), timeout=10)
         wrapped = (context or self.context()).wrap_socket(raw, server_hostname="localhost", session=session)

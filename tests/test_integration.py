@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import http.client
 import ssl
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jwt
 from twisted.internet.threads import deferToThread
@@ -100,7 +101,10 @@ class IssuerOverTLSTests(TestCase):
             connection = client.connect()
             try:
                 preflight = client.request(
-                    connection, method="OPTIONS", body=None, headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST"}
+                    connection,
+                    method="OPTIONS",
+                    body=None,
+                    headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST"},
                 )
                 post = client.request(connection, headers={"Origin": ORIGIN})
                 return [preflight.status, post.status]
@@ -130,7 +134,9 @@ class IssuerOverTLSTests(TestCase):
         self.assertEqual(self.logs.issued(), [])
 
     async def test_foreignOriginRefusedNothingMinted(self) -> None:
-        response = await self.inThread(self.client(self.pki.client, "good").call, headers={"Origin": "https://evil.example"})
+        response = await self.inThread(
+            self.client(self.pki.client, "good").call, headers={"Origin": "https://evil.example"}
+        )
         self.assertEqual(response.status, 403)
         self.assertEqual(response.json()["error"], "origin_not_allowed")
         self.assertNotIn("Access-Control-Allow-Origin", response.headers)
@@ -309,7 +315,10 @@ class RequiredClientAuthTests(TestCase):
         client = Client(self.port, self.pki.path("ca.pem"))
         with self.assertRaises(HANDSHAKE_REFUSED):
             await deferToThread(
-                client.call, method="OPTIONS", body=None, headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST"}
+                client.call,
+                method="OPTIONS",
+                body=None,
+                headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST"},
             )
 
     async def test_certificateGetsToken(self) -> None:

@@ -95,8 +95,10 @@ class StartupRefusalTests(SynchronousTestCase):
     def test_expiredServerCertificate(self) -> None:
         import datetime
 
-        now = datetime.datetime.now(datetime.timezone.utc)
-        old = devpki.issueServer(self.pki.ca, notBefore=now - datetime.timedelta(days=10), notAfter=now - datetime.timedelta(days=1))
+        now = datetime.datetime.now(datetime.UTC)
+        old = devpki.issueServer(
+            self.pki.ca, notBefore=now - datetime.timedelta(days=10), notAfter=now - datetime.timedelta(days=1)
+        )
         cert, key = self.pki.write("old.crt", old.certificatePEM()), self.pki.write("old.pem", old.keyPEM())
         self.assertIn("expired", self.refusal(cert=cert, key=key))
 
@@ -117,7 +119,9 @@ class StartupRefusalTests(SynchronousTestCase):
         self.assertIn("client-auth", self.refusal(**{"client-auth": "sometimes"}))
 
 
-def _runTwistd(arguments: list[str], environ: dict[str, str], cwd: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def _runTwistd(
+    arguments: list[str], environ: dict[str, str], cwd: str, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*TWISTD, "-n", "--pidfile=", "tokenissuer", *arguments],
         env=environ,
@@ -154,7 +158,9 @@ class TwistdCommandTests(TestCase):
         self.assertNotIn("Traceback", result.stderr + result.stdout)
 
     def test_helpNamesEveryVariable(self) -> None:
-        result = subprocess.run([*TWISTD, "tokenissuer", "--help"], capture_output=True, text=True, timeout=60, check=False)
+        result = subprocess.run(
+            [*TWISTD, "tokenissuer", "--help"], capture_output=True, text=True, timeout=60, check=False
+        )
         self.assertEqual(result.returncode, 0, result.stderr)
         for variable in (
             "TOK_ISS_LISTEN",

@@ -102,7 +102,9 @@ class IssueEndpointTests(SynchronousTestCase):
         )
         self.logs = LogCapture(self)
 
-    def exchange(self, *requests: bytes, identity: ClientIdentity | None = None) -> tuple[list[ParsedResponse], StringTransport]:
+    def exchange(
+        self, *requests: bytes, identity: ClientIdentity | None = None
+    ) -> tuple[list[ParsedResponse], StringTransport]:
         chosen = self.identity if identity is None else identity
         site = IssuerSite(buildResourceTree(self.policy, lambda transport: chosen), reactor=self.clock)
         protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
@@ -137,7 +139,9 @@ class IssueEndpointTests(SynchronousTestCase):
         self.assertEqual(response.header("content-type"), "application/json")
         document = response.json()
         self.assertEqual(document["expires_in"], 3600)
-        claims = jwt.decode(document["token"], KEY, algorithms=["HS256"], audience="gschmarri", issuer="daheim_token_issuer")
+        claims = jwt.decode(
+            document["token"], KEY, algorithms=["HS256"], audience="gschmarri", issuer="daheim_token_issuer"
+        )
         self.assertEqual(claims["sub"], "Martin2")
         self.assertEqual(claims["iat"], self.now)
         self.assertEqual(claims["exp"], self.now + 3600)
@@ -334,7 +338,12 @@ class IssueEndpointTests(SynchronousTestCase):
         self.assertEqual(self.one(rawRequest(body=body)).status, 200)
 
     def test_wrongContentTypes(self) -> None:
-        for contentType in (None, "text/plain", "application/x-www-form-urlencoded", "application/json; charset=latin-1"):
+        for contentType in (
+            None,
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "application/json; charset=latin-1",
+        ):
             with self.subTest(contentType=contentType):
                 self.assertError(self.one(rawRequest(contentType=contentType)), 415, "unsupported_media_type")
 

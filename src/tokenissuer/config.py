@@ -7,8 +7,8 @@ default; the environment names are the original issuer's, so its manifests work.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from twisted.python import usage
 
@@ -47,7 +47,9 @@ OPTIONS = (
         "TOK_ISS_HMAC_SECRET holds the key itself; at least 32 bytes",
     ),
     Option("issuer", "TOK_ISS_NAME", "daheim_token_issuer", "value of the iss claim"),
-    Option("audiences", "TOK_ISS_ALLOWED_AUDIENCES", None, "space-separated audiences that may be requested (unset: any)"),
+    Option(
+        "audiences", "TOK_ISS_ALLOWED_AUDIENCES", None, "space-separated audiences that may be requested (unset: any)"
+    ),
     Option(
         "origins",
         "TOK_ISS_ALLOWED_ORIGINS",
@@ -55,7 +57,12 @@ OPTIONS = (
         "space-separated web origins (scheme://host[:port], port * for any) that may call cross-origin (unset: none)",
     ),
     Option("ttl", "TOK_ISS_TOKEN_TTL", "3600", "token lifetime in seconds, from iat to exp (1-86400)"),
-    Option("client-auth", "TOK_ISS_CLIENT_AUTH", "optional", "optional: certificate checked per request; required: at the handshake"),
+    Option(
+        "client-auth",
+        "TOK_ISS_CLIENT_AUTH",
+        "optional",
+        "optional: certificate checked per request; required: at the handshake",
+    ),
     Option("dev-dir", "TOK_ISS_DEV_DIR", "tokenissuer-dev", "folder for the development PKI and key (with --dev)"),
 )
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 #: The headers the real browser client sends; a preflight asking for others is
 #: still answered with this list and the browser then refuses on its own.
@@ -53,8 +52,7 @@ def _split(origin: str, allowWildcardPort: bool) -> tuple[str, str, str | None]:
     match = re.fullmatch(r"(https?)://([^/:?#@\s]+|\[[0-9A-Fa-f:.]+\])(?::(\d{1,5}|\*))?", origin)
     if match is None:
         raise OriginError(
-            f"{origin!r} is not an origin: write scheme://host[:port] "
-            "with http or https, no path and no trailing slash"
+            f"{origin!r} is not an origin: write scheme://host[:port] with http or https, no path and no trailing slash"
         )
     scheme, host, port = match.group(1), match.group(2), match.group(3)
     if host != host.lower():

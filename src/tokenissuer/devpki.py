@@ -10,8 +10,8 @@ import datetime
 import ipaddress
 import os
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -21,12 +21,12 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 #: Password of the development PKCS#12 file (it protects nothing of value).
-DEV_P12_PASSWORD = "tokenissuer-dev"
+DEV_P12_PASSWORD = "tokenissuer-dev"  # noqa: S105 - protects a throwaway dev key
 DEV_CLIENT_NAME = "dev-client"
 
 
 def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    return datetime.datetime.now(datetime.UTC).replace(microsecond=0)
 
 
 def newKey(kind: str = "ec") -> CertificateIssuerPrivateKeyTypes:
@@ -148,8 +148,17 @@ def issue(
     return Issued(builder.sign(ca.key, hashes.SHA256()), key)
 
 
-def issueServer(ca: Issued, names: Sequence[str] = ("localhost",), addresses: Sequence[str] = ("127.0.0.1", "::1"), **kw) -> Issued:  # type: ignore[no-untyped-def]
-    return issue(ca, names[0] if names else "tokenissuer", usages=[ExtendedKeyUsageOID.SERVER_AUTH], dnsNames=names, ipAddresses=addresses, **kw)
+def issueServer(
+    ca: Issued, names: Sequence[str] = ("localhost",), addresses: Sequence[str] = ("127.0.0.1", "::1"), **kw
+) -> Issued:  # type: ignore[no-untyped-def]
+    return issue(
+        ca,
+        names[0] if names else "tokenissuer",
+        usages=[ExtendedKeyUsageOID.SERVER_AUTH],
+        dnsNames=names,
+        ipAddresses=addresses,
+        **kw,
+    )
 
 
 def issueClient(ca: Issued, commonName: str = DEV_CLIENT_NAME, **kw) -> Issued:  # type: ignore[no-untyped-def]
@@ -207,7 +216,15 @@ class DevFiles:
         return self.path("hmac.key")
 
     def all(self) -> list[str]:
-        return [self.caCert, self.serverCert, self.serverKey, self.clientCert, self.clientKey, self.clientP12, self.hmacKey]
+        return [
+            self.caCert,
+            self.serverCert,
+            self.serverKey,
+            self.clientCert,
+            self.clientKey,
+            self.clientP12,
+            self.hmacKey,
+        ]
 
 
 def _write(path: str, data: bytes, private: bool) -> None:

@@ -78,17 +78,15 @@ def loadServerIdentity(certPath: str, keyPath: str) -> ServerIdentity:
         raise PemError(f"server key file {keyPath!r} is encrypted; give an unencrypted PEM key") from None
     except (ValueError, Exception):
         raise PemError(f"server key file {keyPath!r} holds no usable PEM private key") from None
-    if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)):
+    if not isinstance(
+        key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)
+    ):
         raise PemError(f"server key file {keyPath!r} holds a key type TLS cannot use")
     if not _publicKeysMatch(chain[0], key):
-        raise PemError(
-            f"server key file {keyPath!r} does not match the first certificate in {certPath!r}"
-        )
-    now = datetime.datetime.now(datetime.timezone.utc)
+        raise PemError(f"server key file {keyPath!r} does not match the first certificate in {certPath!r}")
+    now = datetime.datetime.now(datetime.UTC)
     if chain[0].not_valid_after_utc < now:
-        raise PemError(
-            f"server certificate in {certPath!r} expired on {chain[0].not_valid_after_utc:%Y-%m-%d}"
-        )
+        raise PemError(f"server certificate in {certPath!r} expired on {chain[0].not_valid_after_utc:%Y-%m-%d}")
     return ServerIdentity(chain=chain, key=key)
 
 

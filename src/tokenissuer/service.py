@@ -8,7 +8,8 @@ Start-up problems end the process with one line on stderr and exit status 1.
 from __future__ import annotations
 
 import shlex
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from twisted.application import service
 from twisted.internet.interfaces import IListeningPort
@@ -142,10 +143,10 @@ def buildService(settings: Settings, reactor: Any = None) -> IssuerService:
 def makeService(options: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> IssuerService:
     """twistd entry point: resolve settings (creating the dev PKI if asked), then build."""
     if options.get("dev"):
+        import os
+
         from tokenissuer.config import _raw
         from tokenissuer.devpki import ensureDevFiles
-
-        import os
 
         devDir, _ = _raw(options, os.environ if environ is None else environ, "dev-dir")
         assert devDir is not None
@@ -160,12 +161,11 @@ def makeService(options: Mapping[str, Any], environ: Mapping[str, str] | None = 
     except ConfigError as error:
         raise StartupError(str(error)) from None
     if settings.audiences is None:
-        log.warn(
-            "TOK_ISS_ALLOWED_AUDIENCES is not set: tokens are issued for any audience a client asks for"
-        )
+        log.warn("TOK_ISS_ALLOWED_AUDIENCES is not set: tokens are issued for any audience a client asks for")
     if settings.ttl > 3600:
         log.warn(
-            "token lifetime {ttl}s exceeds 3600s: consumers that check iat age like the original's reject tokens after an hour",
+            "token lifetime {ttl}s exceeds 3600s: consumers that check the iat age like the original's "
+            "reject tokens after an hour",
             ttl=settings.ttl,
         )
     return buildService(settings)

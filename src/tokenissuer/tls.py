@@ -96,9 +96,7 @@ def _verifyClientCertificate(
     return True
 
 
-def buildServerContext(
-    identity: ServerIdentity, clientCAs: list[x509.Certificate], clientAuth: str
-) -> SSL.Context:
+def buildServerContext(identity: ServerIdentity, clientCAs: list[x509.Certificate], clientAuth: str) -> SSL.Context:
     """Make the pyOpenSSL server context for one set of certificate material."""
     if clientAuth not in CLIENT_AUTH_MODES:
         raise ValueError(f"client-auth must be one of {', '.join(CLIENT_AUTH_MODES)}")

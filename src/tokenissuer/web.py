@@ -10,13 +10,13 @@ logged once with its reason. Tokens and keys are never logged.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Any, Callable
+from typing import Any
 
 from twisted.logger import Logger
 from twisted.web import http, resource, server
-from twisted.web.iweb import IRequest
 
 from tokenissuer.cors import CorsPolicy
 from tokenissuer.signer import HmacTokenSigner
@@ -126,9 +126,10 @@ class IssuerRequest(server.Request):
 
     bodyTooLarge = False
     _bodyBytes = 0
+    _body: BytesIO | None = None
 
     def gotLength(self, length: int | None) -> None:
-        self.content = BytesIO()
+        self.content = self._body = BytesIO()
         self._bodyBytes = 0
         if length is not None and length > MAX_BODY_BYTES:
             self.bodyTooLarge = True
@@ -139,9 +140,10 @@ class IssuerRequest(server.Request):
         self._bodyBytes += len(data)
         if self._bodyBytes > MAX_BODY_BYTES:
             self.bodyTooLarge = True
-            self.content = BytesIO()
+            self.content = self._body = BytesIO()
             return
-        self.content.write(data)
+        assert self._body is not None
+        self._body.write(data)
 
 
 class IssuerChannel(http.HTTPChannel):
@@ -157,7 +159,9 @@ class IssuerChannel(http.HTTPChannel):
             self.length = 0
 
 
-def _send(request: IRequest, status: int, document: dict[str, Any] | None, headers: list[tuple[bytes, bytes]]) -> bytes:
+def _send(
+    request: server.Request, status: int, document: dict[str, Any] | None, headers: list[tuple[bytes, bytes]]
+) -> bytes:
     request.setResponseCode(status)
     for name, value in headers:
         request.setHeader(name, value)
@@ -170,7 +174,7 @@ def _send(request: IRequest, status: int, document: dict[str, Any] | None, heade
     return json.dumps(document, separators=(",", ":")).encode("utf-8")
 
 
-def _peer(request: IRequest) -> str:
+def _peer(request: server.Request) -> str:
     address = request.getClientAddress()
     host = getattr(address, "host", None)
     return f"{host}:{address.port}" if host is not None else str(address)  # type: ignore[attr-defined]
@@ -185,7 +189,7 @@ class JsonErrorResource(resource.Resource):
         super().__init__()
         self.status, self.code, self.message = status, code, message
 
-    def render(self, request: IRequest) -> bytes:
+    def render(self, request: server.Request) -> bytes:
         log.info(
             "refused {method} {path} from {peer}: {reason}",
             method=request.method.decode("latin-1"),
@@ -199,10 +203,10 @@ class JsonErrorResource(resource.Resource):
 class JsonDirectory(resource.Resource):
     """An inner node of the tree whose unknown children answer a JSON 404."""
 
-    def getChild(self, path: bytes, request: IRequest) -> resource.Resource:
+    def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
         return NOT_FOUND
 
-    def render(self, request: IRequest) -> bytes:
+    def render(self, request: server.Request) -> bytes:
         return NOT_FOUND.render(request)
 
 
@@ -225,7 +229,7 @@ class IssueResource(resource.Resource):
         self.policy = policy
         self._identify = identify
 
-    def render(self, request: IRequest) -> bytes:
+    def render(self, request: server.Request) -> bytes:
         try:
             return self._render(request)
         except Exception:
@@ -239,7 +243,7 @@ class IssueResource(resource.Resource):
                 [],
             )
 
-    def _render(self, request: IRequest) -> bytes:
+    def _render(self, request: server.Request) -> bytes:
         headers: list[tuple[bytes, bytes]] = [(b"Vary", b"Origin")]
         originHeader = request.getHeader(b"origin")
         origin = originHeader.decode("latin-1") if originHeader is not None else None
@@ -252,7 +256,8 @@ class IssueResource(resource.Resource):
                     raise ApiError(
                         403,
                         "origin_not_allowed",
-                        f"The origin {origin[:100]} may not call this issuer; ask its operator to add it to TOK_ISS_ALLOWED_ORIGINS.",
+                        f"The origin {origin[:100]} may not call this issuer; "
+                        "ask its operator to add it to TOK_ISS_ALLOWED_ORIGINS.",
                     )
                 headers.extend(self.policy.cors.responseHeaders(origin))
             if request.method == b"OPTIONS":
@@ -279,13 +284,13 @@ class IssueResource(resource.Resource):
                 headers.append((b"Connection", b"close"))
             return _send(request, refusal.status, {"error": refusal.code, "message": refusal.message}, headers)
 
-    def _preflight(self, request: IRequest, origin: str | None, headers: list[tuple[bytes, bytes]]) -> bytes:
+    def _preflight(self, request: server.Request, origin: str | None, headers: list[tuple[bytes, bytes]]) -> bytes:
         headers.append((b"Allow", b", ".join(ISSUE_METHODS)))
         if origin is not None and request.getHeader(b"access-control-request-method") is not None:
             headers.extend(self.policy.cors.preflightHeaders())
         return _send(request, 204, None, headers)
 
-    def _issue(self, request: IRequest, headers: list[tuple[bytes, bytes]], context: dict[str, Any]) -> bytes:
+    def _issue(self, request: server.Request, headers: list[tuple[bytes, bytes]], context: dict[str, Any]) -> bytes:
         identity = self._identify(request.transport)  # type: ignore[attr-defined]
         if identity.certificate is None:
             hint = (
