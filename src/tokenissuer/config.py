@@ -132,6 +132,13 @@ def _raw(options: Mapping[str, object], environ: Mapping[str, str], name: str) -
     return option.default, "default"
 
 
+def devDirFrom(options: Mapping[str, object], environ: Mapping[str, str]) -> str:
+    """The development folder (--dev-dir, TOK_ISS_DEV_DIR or the default)."""
+    folder, _ = _raw(options, environ, "dev-dir")
+    assert folder is not None
+    return folder
+
+
 def readHmacKeyFile(path: str) -> bytes:
     """The key is the file's bytes, minus one trailing newline left by editors and echo."""
     try:

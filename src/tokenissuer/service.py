@@ -7,6 +7,7 @@ Start-up problems end the process with one line on stderr and exit status 1.
 
 from __future__ import annotations
 
+import os
 import shlex
 from collections.abc import Mapping
 from typing import Any
@@ -16,7 +17,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from tokenissuer.config import ConfigError, Settings, resolveSettings
+from tokenissuer.config import ConfigError, Settings, devDirFrom, resolveSettings
 from tokenissuer.pemfiles import PemError, loadClientCAs, loadServerIdentity
 from tokenissuer.signer import HmacTokenSigner, SignerKeyError
 from tokenissuer.tls import ServerConnectionCreator, buildServerContext
@@ -143,13 +144,9 @@ def buildService(settings: Settings, reactor: Any = None) -> IssuerService:
 def makeService(options: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> IssuerService:
     """twistd entry point: resolve settings (creating the dev PKI if asked), then build."""
     if options.get("dev"):
-        import os
-
-        from tokenissuer.config import _raw
         from tokenissuer.devpki import ensureDevFiles
 
-        devDir, _ = _raw(options, os.environ if environ is None else environ, "dev-dir")
-        assert devDir is not None
+        devDir = devDirFrom(options, os.environ if environ is None else environ)
         try:
             _, created = ensureDevFiles(devDir)
         except OSError as error:
