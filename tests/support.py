@@ -92,6 +92,7 @@ def startIssuer(testCase: Any, pki: TestPKI, **options: Any) -> tuple[int, Issue
     """Start an issuer in this process on a free loopback port; stop it on cleanup."""
     values: dict[str, Any] = {
         "listen": "tcp:0:interface=127.0.0.1",
+        "admin-listen": "tcp:0:interface=127.0.0.1",
         "cert": pki.path("server.crt"),
         "key": pki.path("server.pem"),
         "client-ca": pki.path("ca.pem"),

@@ -30,6 +30,7 @@ class StartupRefusalTests(SynchronousTestCase):
         self.pki = TestPKI(self.mktemp())
         self.options: dict[str, Any] = {
             "listen": "tcp:0:interface=127.0.0.1",
+            "admin-listen": "tcp:0:interface=127.0.0.1",
             "cert": self.pki.path("server.crt"),
             "key": self.pki.path("server.pem"),
             "client-ca": self.pki.path("ca.pem"),
@@ -181,7 +182,17 @@ class TwistdCommandTests(TestCase):
         folder = os.path.abspath(self.mktemp())
         os.makedirs(folder)
         process = subprocess.Popen(
-            [*TWISTD, "-n", "--pidfile=", "tokenissuer", "--dev", "--listen", "tcp:0:interface=127.0.0.1"],
+            [
+                *TWISTD,
+                "-n",
+                "--pidfile=",
+                "tokenissuer",
+                "--dev",
+                "--listen",
+                "tcp:0:interface=127.0.0.1",
+                "--admin-listen",
+                "off",
+            ],
             env=_cleanEnviron(),
             cwd=folder,
             stdout=subprocess.PIPE,
@@ -226,3 +237,17 @@ def _readUntil(process: subprocess.Popen[str], marker: str, timeout: float) -> s
         if marker in line:
             break
     return "".join(lines)
+
+
+class DevFolderTests(SynchronousTestCase):
+    def test_incompleteFolderIsNotOverwritten(self) -> None:
+        """A partly deleted dev folder stops start-up instead of silently replacing the PKI."""
+        folder = self.mktemp()
+        files, created = devpki.ensureDevFiles(folder)
+        self.assertTrue(created)
+        before = open(files.caCert, "rb").read()
+        os.remove(files.hmacKey)
+        with self.assertRaises(StartupError) as raised:
+            makeService({"dev": True, "dev-dir": folder, "listen": "tcp:0"}, {})
+        self.assertIn("incomplete (missing hmac.key)", str(raised.exception))
+        self.assertEqual(open(files.caCert, "rb").read(), before)

@@ -354,7 +354,8 @@ class IssueEndpointTests(SynchronousTestCase):
             raise RuntimeError("secret-internal-detail")
 
         self.signer.mint = broken  # type: ignore[method-assign]
-        response = self.one(rawRequest())
+        response = self.one(rawRequest(headers={"Origin": ALLOWED_ORIGIN}))
         self.assertError(response, 500, "internal_error")
+        self.assertEqual(response.header("access-control-allow-origin"), ALLOWED_ORIGIN)
         self.assertNotIn(b"secret-internal-detail", response.body)
         self.flushLoggedErrors(RuntimeError)

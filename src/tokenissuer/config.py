@@ -63,6 +63,24 @@ OPTIONS = (
         "optional",
         "optional: certificate checked per request; required: at the handshake",
     ),
+    Option(
+        "admin-listen",
+        "TOK_ISS_ADMIN_LISTEN",
+        "tcp:9090:interface=127.0.0.1",
+        "endpoint of the plain-HTTP admin listener (/healthz, /readyz, /metrics); 'off' disables it",
+    ),
+    Option(
+        "drain-seconds",
+        "TOK_ISS_DRAIN_SECONDS",
+        "10",
+        "on SIGTERM, seconds to let requests in flight finish before exiting (0-300)",
+    ),
+    Option(
+        "reload-interval",
+        "TOK_ISS_RELOAD_INTERVAL",
+        "2",
+        "seconds between checks of the certificate, key, CA and HMAC key files for changes (0 disables)",
+    ),
     Option("dev-dir", "TOK_ISS_DEV_DIR", "tokenissuer-dev", "folder for the development PKI and key (with --dev)"),
 )
 
@@ -106,6 +124,7 @@ class Settings:
     clientCA: str
     hmacKey: bytes
     hmacKeySource: str
+    hmacKeyFile: str | None
     issuer: str
     audiences: frozenset[str] | None
     origins: CorsPolicy
@@ -113,6 +132,9 @@ class Settings:
     clientAuth: str
     dev: bool
     devDir: str
+    adminListen: str | None = "tcp:9090:interface=127.0.0.1"
+    drainSeconds: float = 10.0
+    reloadInterval: float = 2.0
 
     def __repr__(self) -> str:
         return (
@@ -152,7 +174,7 @@ def readHmacKeyFile(path: str) -> bytes:
     return data
 
 
-def _hmacKey(options: Mapping[str, object], environ: Mapping[str, str]) -> tuple[bytes, str]:
+def _hmacKey(options: Mapping[str, object], environ: Mapping[str, str]) -> tuple[bytes, str, str | None]:
     path, source = _raw(options, environ, "hmac-secret-file")
     if path is not None:
         key, where = readHmacKeyFile(path), f"file {path!r}"
@@ -165,7 +187,7 @@ def _hmacKey(options: Mapping[str, object], environ: Mapping[str, str]) -> tuple
             f"the HMAC key from {where} is {len(key)} bytes; HS256 needs at least "
             f"{MINIMUM_HMAC_KEY_BYTES} bytes (RFC 7518 section 3.2)"
         )
-    return key, where
+    return key, where, path
 
 
 def _ttl(text: str, source: str) -> int:
@@ -201,14 +223,15 @@ def resolveSettings(options: Mapping[str, object], environ: Mapping[str, str] | 
     cert, _ = _raw(options, environ, "cert")
     key, _ = _raw(options, environ, "key")
     clientCA, _ = _raw(options, environ, "client-ca")
+    hmacFile: str | None
     if dev:
         from tokenissuer.devpki import DevFiles
 
         files = DevFiles(devDir)
         cert, key, clientCA = files.serverCert, files.serverKey, files.caCert
-        hmacKey, hmacSource = readHmacKeyFile(files.hmacKey), f"file {files.hmacKey!r}"
+        hmacKey, hmacSource, hmacFile = readHmacKeyFile(files.hmacKey), f"file {files.hmacKey!r}", files.hmacKey
     else:
-        hmacKey, hmacSource = _hmacKey(options, environ)
+        hmacKey, hmacSource, hmacFile = _hmacKey(options, environ)
     assert cert is not None and key is not None and clientCA is not None
 
     issuer, issuerSource = _raw(options, environ, "issuer")
@@ -239,6 +262,15 @@ def resolveSettings(options: Mapping[str, object], environ: Mapping[str, str] | 
             f"client-auth {clientAuthText!r} from {clientAuthSource} must be one of: {', '.join(CLIENT_AUTH_MODES)}"
         )
 
+    adminText, adminSource = _raw(options, environ, "admin-listen")
+    adminListen: str | None = (adminText or "").strip()
+    if not adminListen:
+        raise ConfigError(f"the admin listen endpoint from {adminSource} is empty (use 'off' to disable it)")
+    if adminListen.lower() == "off":
+        adminListen = None
+    drainSeconds = _seconds("drain-seconds", options, environ, 0, 300)
+    reloadInterval = _seconds("reload-interval", options, environ, 0, 3600)
+
     return Settings(
         listen=listen,
         cert=cert,
@@ -246,6 +278,7 @@ def resolveSettings(options: Mapping[str, object], environ: Mapping[str, str] | 
         clientCA=clientCA,
         hmacKey=hmacKey,
         hmacKeySource=hmacSource,
+        hmacKeyFile=hmacFile,
         issuer=issuer,
         audiences=audiences,
         origins=origins,
@@ -253,4 +286,18 @@ def resolveSettings(options: Mapping[str, object], environ: Mapping[str, str] | 
         clientAuth=clientAuth,
         dev=dev,
         devDir=devDir,
+        adminListen=adminListen,
+        drainSeconds=drainSeconds,
+        reloadInterval=reloadInterval,
     )
+
+
+def _seconds(name: str, options: Mapping[str, object], environ: Mapping[str, str], low: float, high: float) -> float:
+    text, source = _raw(options, environ, name)
+    try:
+        value = float((text or "").strip())
+    except ValueError:
+        raise ConfigError(f"{name} {text!r} from {source} is not a number of seconds") from None
+    if not low <= value <= high:  # also refuses NaN
+        raise ConfigError(f"{name} {value:g} from {source} is outside {low:g}-{high:g} seconds")
+    return value

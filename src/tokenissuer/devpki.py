@@ -240,8 +240,15 @@ def ensureDevFiles(folder: str) -> tuple[DevFiles, bool]:
     already there; return the paths and whether anything was created.
     """
     files = DevFiles(folder)
-    if all(os.path.exists(path) for path in files.all()):
+    present = [path for path in files.all() if os.path.exists(path)]
+    if len(present) == len(files.all()):
         return files, False
+    if present:
+        # Never overwrite part of a PKI whose client certificate may be imported somewhere.
+        missing = ", ".join(os.path.basename(path) for path in files.all() if path not in present)
+        raise FileExistsError(
+            f"the development folder {folder!r} is incomplete (missing {missing}); delete it to start afresh"
+        )
     os.makedirs(folder, mode=0o700, exist_ok=True)
     ca = makeCA()
     server = issueServer(ca)

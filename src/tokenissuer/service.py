@@ -1,6 +1,7 @@
 """
 Assemble the running service from L{Settings}: certificate material, the TLS
-context, the signer, the resource tree and the listening endpoint.
+context, the signer, the resource tree, the listening endpoints; and run its
+life cycle: reload changed material, drain on shutdown.
 
 Start-up problems end the process with one line on stderr and exit status 1.
 """
@@ -9,21 +10,31 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.application import service
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from tokenissuer.config import ConfigError, Settings, devDirFrom, resolveSettings
-from tokenissuer.pemfiles import PemError, loadClientCAs, loadServerIdentity
+from tokenissuer.admin import buildAdminSite
+from tokenissuer.config import ConfigError, Settings, devDirFrom, readHmacKeyFile, resolveSettings
+from tokenissuer.metrics import IssuerMetrics
+from tokenissuer.pemfiles import PemError, ServerIdentity, loadClientCAs, loadServerIdentity, readFile
 from tokenissuer.signer import HmacTokenSigner, SignerKeyError
-from tokenissuer.tls import ServerConnectionCreator, buildServerContext
-from tokenissuer.web import IssuePolicy, IssuerSite, buildResourceTree
+from tokenissuer.tls import IssuerTLSFactory, ServerConnectionCreator, buildServerContext
+from tokenissuer.web import IssuePolicy, IssueResource, IssuerSite, buildResourceTree
 
 log = Logger()
+
+#: A connection that has not sent a request this long after the drain began is closed.
+_UNUSED_CONNECTION_GRACE = 1.0
+_DRAIN_POLL = 0.05
 
 
 class StartupError(SystemExit):
@@ -33,25 +44,178 @@ class StartupError(SystemExit):
         super().__init__(f"tokenissuer: error: {message}")
 
 
+class MaterialError(ValueError):
+    """New certificate, key, CA or HMAC key material is unusable (message safe to log)."""
+
+
+@dataclass(frozen=True)
+class Material:
+    """Everything read from files that a reload may replace."""
+
+    identity: ServerIdentity
+    context: SSL.Context
+    hmacKey: bytes
+
+
+def loadMaterial(settings: Settings) -> Material:
+    """Read and check certificate, key, client CAs (and the HMAC key file), build the TLS context."""
+    try:
+        identity = loadServerIdentity(settings.cert, settings.key)
+        clientCAs = loadClientCAs(settings.clientCA)
+    except PemError as error:
+        raise MaterialError(str(error)) from None
+    try:
+        context = buildServerContext(identity, clientCAs, settings.clientAuth)
+    except Exception as error:  # OpenSSL refuses what cryptography accepted
+        raise MaterialError(f"the TLS context cannot be built: {error}") from None
+    hmacKey = settings.hmacKey
+    if settings.hmacKeyFile is not None:
+        try:
+            hmacKey = readHmacKeyFile(settings.hmacKeyFile)
+            HmacTokenSigner._checkedKey(hmacKey)
+        except (ConfigError, SignerKeyError) as error:
+            raise MaterialError(str(error)) from None
+    return Material(identity=identity, context=context, hmacKey=hmacKey)
+
+
+def materialFingerprint(settings: Settings) -> bytes:
+    """The current bytes of every watched file (cheap: a few small files), to detect changes."""
+    paths = [settings.cert, settings.key, settings.clientCA]
+    if settings.hmacKeyFile is not None:
+        paths.append(settings.hmacKeyFile)
+    parts = []
+    for path in paths:
+        try:
+            parts.append(readFile(path, "watched"))
+        except PemError:
+            parts.append(b"\0missing\0")
+    import hashlib
+
+    return hashlib.sha256(b"\0\0".join(parts)).digest()
+
+
 class IssuerService(service.Service):
-    """Listen on the endpoint when started, log the summary line, stop listening when stopped."""
+    """
+    Listen when started; log the summary line; reload changed material; on stop,
+    turn not-ready, stop accepting, let requests in flight finish, then close.
+    """
 
     name = "tokenissuer"
 
-    def __init__(self, endpoint: Any, factory: Any, settings: Settings, certificateSummary: str):
-        self.endpoint = endpoint
-        self.factory = factory
+    def __init__(
+        self,
+        settings: Settings,
+        material: Material,
+        reactor: Any,
+        handleTermination: bool = False,
+    ):
+        self.handleTermination = handleTermination
         self.settings = settings
-        self.certificateSummary = certificateSummary
+        self.reactor = reactor
+        self.metrics = IssuerMetrics()
+        self.material = material
+        self.metrics.serverCertificateInUse(material.identity.leaf.not_valid_after_utc.timestamp())
+        self.signer = HmacTokenSigner(material.hmacKey, settings.issuer, settings.ttl)
+        self.creator = ServerConnectionCreator(material.context)
+        self.policy = IssuePolicy(
+            signer=self.signer, cors=settings.origins, audiences=settings.audiences, metrics=self.metrics
+        )
+        root = buildResourceTree(self.policy)
+        self.issueResource: IssueResource = root.issueResource  # type: ignore[attr-defined]
+        self.site = IssuerSite(root, reactor=reactor)
+        self.factory = IssuerTLSFactory(self.creator, self.site, onHandshakeFailure=self.metrics.handshakeFailed)
         self.port: IListeningPort | None = None
+        self.adminPort: IListeningPort | None = None
+        self.draining = False
+        self._fingerprint = materialFingerprint(settings)
+        self._watcher: LoopingCall | None = None
+        self._previousHangup: Any = None
+
+    # Readiness and reload
+
+    def readiness(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining for shutdown"
+        if self.port is None:
+            return False, "not listening"
+        return True, "serving"
+
+    def reload(self, force: bool = False) -> bool | None:
+        """
+        Swap in changed material for new connections (existing ones keep theirs).
+        Returns None when nothing changed, else whether the new material was taken.
+        """
+        fingerprint = materialFingerprint(self.settings)
+        if fingerprint == self._fingerprint and not force:
+            return None
+        # Remember what we looked at, so a broken file is reported once, not every poll.
+        self._fingerprint = fingerprint
+        try:
+            material = loadMaterial(self.settings)
+        except MaterialError as error:
+            self.metrics.reloaded(False)
+            log.error("reload failed, still serving the previous material: {error}", error=str(error))
+            return False
+        self.creator.context = material.context
+        keyChanged = self.signer.replaceKey(material.hmacKey)
+        self.material = material
+        self.metrics.serverCertificateInUse(material.identity.leaf.not_valid_after_utc.timestamp())
+        self.metrics.reloaded(True)
+        log.info(
+            "reloaded: server certificate {certificate}; HMAC key {keyState}",
+            certificate=material.identity.describe(),
+            keyState="changed" if keyChanged else "unchanged",
+        )
+        return True
+
+    def _hangup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.reload, True)
+
+    # Life cycle
 
     def startService(self) -> None:
         super().startService()
+        from twisted.internet.endpoints import serverFromString
+
         failures: list[Any] = []
-        self.endpoint.listen(self.factory).addCallbacks(self._listening, failures.append)
+        endpoint = serverFromString(self.reactor, self.settings.listen)
+        endpoint.listen(self.factory).addCallbacks(self._listening, failures.append)
         if failures:
             # TCP listening happens at once; failing here keeps the error to one line.
             raise StartupError(f"cannot listen on {self.settings.listen}: {failures[0].getErrorMessage()}")
+        if self.settings.adminListen is not None:
+            adminEndpoint = serverFromString(self.reactor, self.settings.adminListen)
+            adminEndpoint.listen(buildAdminSite(self.metrics, self.readiness)).addCallbacks(
+                self._adminListening, failures.append
+            )
+            if failures:
+                raise StartupError(
+                    f"cannot listen on the admin endpoint {self.settings.adminListen}: {failures[0].getErrorMessage()}"
+                )
+        if self.settings.reloadInterval > 0:
+            self._watcher = LoopingCall(self.reload)
+            self._watcher.clock = self.reactor
+            self._watcher.start(self.settings.reloadInterval, now=False)
+        try:
+            self._previousHangup = signal.signal(signal.SIGHUP, self._hangup)
+        except ValueError:  # not the main thread (tests): no signal handling
+            self._previousHangup = None
+        if self.handleTermination:
+            # After the reactor's own handlers are in place, replace its SIGTERM
+            # handling: twistd would otherwise end by re-raising SIGTERM (exit
+            # status 143) even after a clean drain; we stop and exit 0.
+            self.reactor.callWhenRunning(self._installTerminationHandler)
+        self.metrics.ready.set(1)
+
+    def _installTerminationHandler(self) -> None:
+        def terminate(signum: int, frame: Any) -> None:
+            log.info("received SIGTERM: draining, then exiting")
+            self.reactor.callFromThread(self.reactor.stop)
+
+        signal.signal(signal.SIGTERM, terminate)
+
+    def _adminListening(self, port: IListeningPort) -> None:
+        self.adminPort = port
 
     def _listening(self, port: IListeningPort) -> None:
         self.port = port
@@ -59,7 +223,7 @@ class IssuerService(service.Service):
         audiences = " ".join(sorted(settings.audiences)) if settings.audiences else "any"
         log.info(
             "tokenissuer ready: issuer={issuer!r} listen={listen} (port {port}) audiences={audiences} "
-            "origins={origins} client-auth={clientAuth} ttl={ttl}s server certificate={certificate}",
+            "origins={origins} client-auth={clientAuth} ttl={ttl}s admin={admin} server certificate={certificate}",
             issuer=settings.issuer,
             listen=settings.listen,
             port=getattr(port.getHost(), "port", "?"),
@@ -67,7 +231,8 @@ class IssuerService(service.Service):
             origins=str(settings.origins),
             clientAuth=settings.clientAuth,
             ttl=settings.ttl,
-            certificate=self.certificateSummary,
+            admin=settings.adminListen or "off",
+            certificate=self.material.identity.describe(),
         )
         if settings.dev:
             self._printDevHelp(getattr(port.getHost(), "port", 4443))
@@ -100,15 +265,75 @@ class IssuerService(service.Service):
             password=DEV_P12_PASSWORD,
         )
 
-    def stopService(self) -> Any:
+    def stopService(self) -> Deferred[None]:
         super().stopService()
+        return Deferred.fromCoroutine(self._drain())
+
+    async def _drain(self) -> None:
+        self.draining = True
+        self.issueResource.draining = True
+        self.metrics.ready.set(0)
+        if self._watcher is not None and self._watcher.running:
+            self._watcher.stop()
+        if self._previousHangup is not None:
+            signal.signal(signal.SIGHUP, self._previousHangup)
+        stopping = []
         if self.port is not None:
             port, self.port = self.port, None
-            return port.stopListening()
-        return None
+            _acceptQueued(port)
+            stopping.append(port.stopListening())
+        await DeferredList([d for d in stopping if d is not None])
+        open_ = len(self.factory.connections)
+        if open_:
+            log.info(
+                "draining {count} connection(s) for up to {seconds:g}s",
+                count=open_,
+                seconds=self.settings.drainSeconds,
+            )
+        deadline = self.reactor.seconds() + self.settings.drainSeconds
+        drainStarted = self.factory.clock()
+        while self.factory.connections and self.reactor.seconds() < deadline:
+            for connection in list(self.factory.connections):
+                channel = connection.wrappedProtocol
+                busy = bool(getattr(channel, "requests", None))
+                served = getattr(channel, "requestsServed", 0)
+                if busy:
+                    continue
+                if served or self.factory.clock() - drainStarted > _UNUSED_CONNECTION_GRACE:
+                    # Idle keep-alive (or never used): nothing is in flight. Send
+                    # close_notify and close the socket without waiting for the
+                    # peer's close_notify, which an idle client may never send.
+                    connection.loseConnection()
+                    if connection.transport is not None:
+                        connection.transport.loseConnection()
+            await deferLater(self.reactor, _DRAIN_POLL, lambda: None)
+        left = list(self.factory.connections)
+        if left:
+            log.warn("drain time is up: closing {count} connection(s) still open", count=len(left))
+            for connection in left:
+                connection.abortConnection()
+        if self.adminPort is not None:
+            adminPort, self.adminPort = self.adminPort, None
+            await adminPort.stopListening()  # type: ignore[misc]
 
 
-def buildService(settings: Settings, reactor: Any = None) -> IssuerService:
+def _acceptQueued(port: Any) -> None:
+    """
+    Take the connections already waiting in the kernel's accept queue before the
+    listener closes (closing would reset them), and shrink the queue so that
+    connections arriving meanwhile wait and are then refused rather than reset.
+    """
+    socket_ = getattr(port, "socket", None)
+    if socket_ is None:
+        return
+    try:
+        socket_.listen(0)
+        port.doRead()
+    except OSError:
+        pass
+
+
+def buildService(settings: Settings, reactor: Any = None, handleTermination: bool = False) -> IssuerService:
     """Check all material and build the (not yet listening) service, or raise L{StartupError}."""
     if reactor is None:
         from twisted.internet import reactor as defaultReactor
@@ -117,28 +342,20 @@ def buildService(settings: Settings, reactor: Any = None) -> IssuerService:
     from twisted.internet.endpoints import serverFromString
 
     try:
-        identity = loadServerIdentity(settings.cert, settings.key)
-        clientCAs = loadClientCAs(settings.clientCA)
-    except PemError as error:
+        material = loadMaterial(settings)
+    except MaterialError as error:
         raise StartupError(str(error)) from None
+    for what, description in (("listen", settings.listen), ("admin-listen", settings.adminListen)):
+        if description is None:
+            continue
+        try:
+            serverFromString(reactor, description)
+        except Exception as error:
+            raise StartupError(f"{what} endpoint {description!r} is invalid: {error}") from None
     try:
-        context = buildServerContext(identity, clientCAs, settings.clientAuth)
-    except Exception as error:  # OpenSSL refuses what cryptography accepted
-        raise StartupError(f"the TLS context cannot be built: {error}") from None
-    try:
-        signer = HmacTokenSigner(settings.hmacKey, settings.issuer, settings.ttl)
+        return IssuerService(settings, material, reactor, handleTermination)
     except SignerKeyError as error:
         raise StartupError(str(error)) from None
-    try:
-        endpoint = serverFromString(reactor, settings.listen)
-    except Exception as error:
-        raise StartupError(f"listen endpoint {settings.listen!r} is invalid: {error}") from None
-
-    policy = IssuePolicy(signer=signer, cors=settings.origins, audiences=settings.audiences)
-    site = IssuerSite(buildResourceTree(policy), reactor=reactor)
-    factory = TLSMemoryBIOFactory(ServerConnectionCreator(context), False, site)
-    factory.noisy = False
-    return IssuerService(endpoint, factory, settings, identity.describe())
 
 
 def makeService(options: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> IssuerService:
@@ -149,6 +366,8 @@ def makeService(options: Mapping[str, Any], environ: Mapping[str, str] | None = 
         devDir = devDirFrom(options, os.environ if environ is None else environ)
         try:
             _, created = ensureDevFiles(devDir)
+        except FileExistsError as error:
+            raise StartupError(str(error)) from None
         except OSError as error:
             raise StartupError(f"cannot create the development folder {devDir!r}: {error.strerror}") from None
         if created:
@@ -165,4 +384,4 @@ def makeService(options: Mapping[str, Any], environ: Mapping[str, str] | None = 
             "reject tokens after an hour",
             ttl=settings.ttl,
         )
-    return buildService(settings)
+    return buildService(settings, handleTermination=True)

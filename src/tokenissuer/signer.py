@@ -56,6 +56,16 @@ class HmacTokenSigner:
         clock: Callable[[], float] = time.time,
         newJTI: Callable[[], str] = lambda: secrets.token_urlsafe(16),
     ) -> None:
+        if ttl <= 0:
+            raise ValueError("the token lifetime must be a positive number of seconds")
+        self._key = self._checkedKey(key)
+        self.issuer = issuer
+        self.ttl = ttl
+        self._clock = clock
+        self._newJTI = newJTI
+
+    @staticmethod
+    def _checkedKey(key: bytes) -> bytes:
         if not isinstance(key, bytes):
             raise SignerKeyError("the HMAC key must be bytes")
         if len(key) < MINIMUM_HMAC_KEY_BYTES:
@@ -63,13 +73,14 @@ class HmacTokenSigner:
                 f"the HMAC key is {len(key)} bytes long; HS256 needs at least "
                 f"{MINIMUM_HMAC_KEY_BYTES} bytes (RFC 7518 section 3.2)"
             )
-        if ttl <= 0:
-            raise ValueError("the token lifetime must be a positive number of seconds")
+        return key
+
+    def replaceKey(self, key: bytes) -> bool:
+        """Sign from now on with C{key} (after the same checks); True if it differs from the old one."""
+        key = self._checkedKey(key)
+        changed = key != self._key
         self._key = key
-        self.issuer = issuer
-        self.ttl = ttl
-        self._clock = clock
-        self._newJTI = newJTI
+        return changed
 
     def __repr__(self) -> str:
         return f"HmacTokenSigner(issuer={self.issuer!r}, ttl={self.ttl}, key=<redacted>)"

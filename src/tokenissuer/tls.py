@@ -17,6 +17,7 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from zope.interface import implementer
 
 from tokenissuer.pemfiles import ServerIdentity
@@ -83,6 +84,8 @@ def _verifyClientCertificate(
     """
     if not ok:
         protocol = connection.get_app_data()
+        if isinstance(protocol, IssuerTLSProtocol):
+            protocol.refusal = "client_certificate_rejected"
         peer = getattr(getattr(protocol, "transport", None), "getPeer", lambda: None)()
         subject = certificate.to_cryptography().subject.rfc4514_string()
         log.info(
@@ -191,3 +194,85 @@ def clientIdentityOf(transport: Any) -> ClientIdentity:
     if lib.SSL_get_verify_result(connection._ssl) != 0:  # type: ignore[attr-defined]
         return _NO_CLIENT
     return ClientIdentity(certificate)
+
+
+def _classifyHandshakeFailure(protocol: IssuerTLSProtocol, reason: Any) -> str:
+    """Name why a handshake did not complete, for metrics and logs."""
+    if protocol.refusal is not None:
+        return protocol.refusal
+    value = getattr(reason, "value", reason)
+    if isinstance(value, SSL.Error):
+        text = str(value).lower()
+        if "peer did not return a certificate" in text or "certificate required" in text:
+            return "client_certificate_missing"
+        if "http request" in text or "wrong version number" in text or "record layer failure" in text:
+            return "not_tls"
+        if any(
+            marker in text
+            for marker in (
+                "unsupported protocol",
+                "no shared cipher",
+                "version too low",
+                "no suitable",
+                "no shared group",
+            )
+        ):
+            return "protocol_mismatch"
+        return "other"
+    # The peer closed before finishing: Chromium does this when first asked
+    # for a certificate, and so do port scanners and TCP health checks.
+    return "client_closed"
+
+
+class IssuerTLSProtocol(TLSMemoryBIOProtocol):
+    """A server-side TLS connection that reports why its handshake failed, if it did."""
+
+    factory: IssuerTLSFactory
+    refusal: str | None = None
+    openedAt: float = 0.0
+
+    def makeConnection(self, transport: Any) -> None:
+        self.openedAt = self.factory.clock()
+        self.factory.connections.add(self)
+        super().makeConnection(transport)
+
+    @property
+    def handshakeDone(self) -> bool:
+        return self._handshakeDone
+
+    def connectionLost(self, reason: Any = None) -> None:
+        factory = self.factory
+        factory.connections.discard(self)
+        if not self._handshakeDone:
+            cause = self._reason or reason
+            factory.handshakeFailed(_classifyHandshakeFailure(self, cause), self, cause)
+        super().connectionLost(reason)
+
+
+class IssuerTLSFactory(TLSMemoryBIOFactory):
+    """Wrap the web site in TLS, keep the set of open connections, report handshake failures."""
+
+    protocol = IssuerTLSProtocol
+    noisy = False
+
+    def __init__(
+        self,
+        creator: ServerConnectionCreator,
+        wrappedFactory: Any,
+        onHandshakeFailure: Any = None,
+        clock: Any = None,
+    ) -> None:
+        super().__init__(creator, False, wrappedFactory)
+        import time
+
+        self.connections: set[IssuerTLSProtocol] = set()
+        self.clock = clock if clock is not None else time.monotonic
+        self._onHandshakeFailure = onHandshakeFailure
+
+    def handshakeFailed(self, reason: str, protocol: IssuerTLSProtocol, cause: Any) -> None:
+        if reason not in {"client_closed", "client_certificate_rejected"}:
+            # Rejected certificates were logged with their details by the verify callback.
+            peer = getattr(getattr(protocol, "transport", None), "getPeer", lambda: None)()
+            log.info("TLS handshake failed ({reason}) with {peer}", reason=reason, peer=str(peer))
+        if self._onHandshakeFailure is not None:
+            self._onHandshakeFailure(reason)

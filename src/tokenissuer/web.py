@@ -10,6 +10,7 @@ logged once with its reason. Tokens and keys are never logged.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
@@ -19,6 +20,7 @@ from twisted.logger import Logger
 from twisted.web import http, resource, server
 
 from tokenissuer.cors import CorsPolicy
+from tokenissuer.metrics import IssuerMetrics
 from tokenissuer.signer import HmacTokenSigner
 from tokenissuer.tls import ClientIdentity, clientIdentityOf
 
@@ -52,6 +54,7 @@ class IssuePolicy:
     signer: HmacTokenSigner
     cors: CorsPolicy
     audiences: frozenset[str] | None  # None: any non-empty audience
+    metrics: IssuerMetrics | None = None
 
 
 def _rejectConstant(name: str) -> Any:
@@ -149,6 +152,13 @@ class IssuerRequest(server.Request):
 class IssuerChannel(http.HTTPChannel):
     """An HTTP/1.1 channel that answers an oversized declared body at once."""
 
+    #: Finished requests on this connection (a drain closes idle used connections first).
+    requestsServed = 0
+
+    def requestDone(self, request: Any) -> None:
+        self.requestsServed += 1
+        super().requestDone(request)
+
     def allHeadersReceived(self) -> None:
         super().allHeadersReceived()
         request = self.requests[-1]
@@ -185,11 +195,14 @@ class JsonErrorResource(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, metrics: IssuerMetrics | None = None):
         super().__init__()
         self.status, self.code, self.message = status, code, message
+        self.metrics = metrics
 
     def render(self, request: server.Request) -> bytes:
+        if self.metrics is not None:
+            self.metrics.refused(self.code)
         log.info(
             "refused {method} {path} from {peer}: {reason}",
             method=request.method.decode("latin-1"),
@@ -200,19 +213,21 @@ class JsonErrorResource(resource.Resource):
         return _send(request, self.status, {"error": self.code, "message": self.message}, [])
 
 
+NOT_FOUND_MESSAGE = "No such endpoint; request tokens with POST /jwthmac/issue or POST /jwt/issue."
+
+
 class JsonDirectory(resource.Resource):
     """An inner node of the tree whose unknown children answer a JSON 404."""
 
+    def __init__(self, notFound: JsonErrorResource) -> None:
+        super().__init__()
+        self.notFound = notFound
+
     def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
-        return NOT_FOUND
+        return self.notFound
 
     def render(self, request: server.Request) -> bytes:
-        return NOT_FOUND.render(request)
-
-
-NOT_FOUND = JsonErrorResource(
-    404, "not_found", "No such endpoint; request tokens with POST /jwthmac/issue or POST /jwt/issue."
-)
+        return self.notFound.render(request)
 
 
 class IssueResource(resource.Resource):
@@ -223,24 +238,51 @@ class IssueResource(resource.Resource):
     """
 
     isLeaf = True
+    #: Set while the service shuts down: answers close their connection.
+    draining = False
 
-    def __init__(self, policy: IssuePolicy, identify: Callable[[Any], ClientIdentity] = clientIdentityOf):
+    def __init__(
+        self,
+        policy: IssuePolicy,
+        identify: Callable[[Any], ClientIdentity] = clientIdentityOf,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
         super().__init__()
         self.policy = policy
         self._identify = identify
+        self._clock = clock
 
     def render(self, request: server.Request) -> bytes:
+        started = self._clock()
+        if self.draining:
+            # Finish this request, then close: the listener is gone and the process is about to exit.
+            request.setHeader(b"Connection", b"close")
+            request.channel.persistent = False  # type: ignore[attr-defined]
+        try:
+            return self._answer(request)
+        finally:
+            if self.policy.metrics is not None:
+                self.policy.metrics.requestDuration.observe(self._clock() - started)
+
+    def _answer(self, request: server.Request) -> bytes:
         try:
             return self._render(request)
         except Exception:
             # Never a traceback to the client; the log gets it (no token is in scope here).
             log.failure("internal error while answering {path}", path=request.path.decode("latin-1", "replace")[:200])
-            request.responseHeaders = http.Headers()  # type: ignore[attr-defined]
+            request.responseHeaders = http.Headers()
+            if self.policy.metrics is not None:
+                self.policy.metrics.refused("internal_error")
+            headers: list[tuple[bytes, bytes]] = [(b"Vary", b"Origin")]
+            origin = request.getHeader(b"origin")
+            if origin is not None and self.policy.cors.isAllowed(origin.decode("latin-1")):
+                # Let the calling page read the error too.
+                headers.extend(self.policy.cors.responseHeaders(origin.decode("latin-1")))
             return _send(
                 request,
                 500,
                 {"error": "internal_error", "message": "The issuer failed to answer; its log has the details."},
-                [],
+                headers,
             )
 
     def _render(self, request: server.Request) -> bytes:
@@ -250,7 +292,7 @@ class IssueResource(resource.Resource):
         context = {"peer": _peer(request), "origin": origin}
         try:
             if request.postpath:
-                raise ApiError(404, NOT_FOUND.code, NOT_FOUND.message)
+                raise ApiError(404, "not_found", NOT_FOUND_MESSAGE)
             if origin is not None:
                 if not self.policy.cors.isAllowed(origin):
                     raise ApiError(
@@ -279,6 +321,8 @@ class IssueResource(resource.Resource):
                 sub=context.get("sub"),
                 **{k: v for k, v in context.items() if k != "sub"},
             )
+            if self.policy.metrics is not None:
+                self.policy.metrics.refused(refusal.code)
             headers.extend(refusal.headers)
             if refusal.status == 413:
                 headers.append((b"Connection", b"close"))
@@ -320,6 +364,8 @@ class IssueResource(resource.Resource):
                 403, "audience_not_allowed", f"This issuer does not issue tokens for the audience {audience[:100]!r}."
             )
         minted = self.policy.signer.mint(subject=subject, audience=audience)
+        if self.policy.metrics is not None:
+            self.policy.metrics.issued(audience, listed=allowed is not None)
         log.info(
             "issued token sub={sub!r} aud={aud!r} jti={jti} peer={peer} origin={origin}",
             sub=subject,
@@ -340,10 +386,12 @@ def buildResourceTree(
     policy: IssuePolicy, identify: Callable[[Any], ClientIdentity] = clientIdentityOf
 ) -> resource.Resource:
     """The whole URL space: two issue paths, JSON 404 everywhere else."""
-    root = JsonDirectory()
+    notFound = JsonErrorResource(404, "not_found", NOT_FOUND_MESSAGE, policy.metrics)
+    root = JsonDirectory(notFound)
     issue = IssueResource(policy, identify)
+    root.issueResource = issue  # type: ignore[attr-defined]
     for prefix in (b"jwthmac", b"jwt"):
-        branch = JsonDirectory()
+        branch = JsonDirectory(notFound)
         branch.putChild(b"issue", issue)
         root.putChild(prefix, branch)
     return root
@@ -361,5 +409,5 @@ class IssuerSite(server.Site):
         kwargs = {"reactor": reactor} if reactor is not None else {}
         super().__init__(root, timeout=IDLE_TIMEOUT, **kwargs)
 
-    def log(self, request: Any) -> None:
+    def log(self, request: object) -> None:
         pass
