@@ -86,7 +86,9 @@ def worker(arguments: tuple[int, str, str, str, int, float]) -> int:
         raw = socket.create_connection(("127.0.0.1", port), timeout=10)
         connection = http.client.HTTPConnection("localhost", port, timeout=10)
         connection.sock = context.wrap_socket(raw, server_hostname="localhost")
-        connection.request("POST", "/jwthmac/issue", body=b'{"audience": "gschmarri"}', headers={"Content-Type": "application/json"})
+        connection.request(
+            "POST", "/jwthmac/issue", body=b'{"audience": "gschmarri"}', headers={"Content-Type": "application/json"}
+        )
         response = connection.getresponse()
         response.read()
         connection.close()
@@ -107,14 +109,18 @@ def start(command: list[str], environ: dict[str, str]) -> tuple[subprocess.Popen
     raise RuntimeError("server did not start")
 
 
-def measure(process: subprocess.Popen[str], port: int, files: dict[str, str], requests: int, clients: int) -> dict[str, float]:
+def measure(
+    process: subprocess.Popen[str], port: int, files: dict[str, str], requests: int, clients: int
+) -> dict[str, float]:
     # Warm up (imports, first handshakes), then measure.
     worker((port, files["ca"], files["cert"], files["key"], 20, time.monotonic() + 30))
     before = cpuSeconds(process.pid)
     started = time.monotonic()
     perClient = requests // clients
     with multiprocessing.Pool(clients) as pool:
-        done = sum(pool.map(worker, [(port, files["ca"], files["cert"], files["key"], perClient, started + 120)] * clients))
+        done = sum(
+            pool.map(worker, [(port, files["ca"], files["cert"], files["key"], perClient, started + 120)] * clients)
+        )
     elapsed = time.monotonic() - started
     used = cpuSeconds(process.pid) - before
     return {"tokens": done, "cpu_ms": 1000 * used / done, "rate": done / elapsed, "rss_mib": rssKiB(process.pid) / 1024}
@@ -146,12 +152,30 @@ def main() -> None:
         twistd = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
         results = {}
         for name, command in (
-            ("reference", [sys.executable, "-c", REFERENCE_SERVER, files["server.crt"], files["server.pem"], files["ca"]]),
+            (
+                "reference",
+                [sys.executable, "-c", REFERENCE_SERVER, files["server.crt"], files["server.pem"], files["ca"]],
+            ),
             (
                 "tokenissuer",
-                [*twistd, "-n", "--pidfile=", "tokenissuer", "--listen", "tcp:0:interface=127.0.0.1",
-                 "--admin-listen", "off", "--cert", files["server.crt"], "--key", files["server.pem"],
-                 "--client-ca", files["ca"], "--audiences", "gschmarri"],
+                [
+                    *twistd,
+                    "-n",
+                    "--pidfile=",
+                    "tokenissuer",
+                    "--listen",
+                    "tcp:0:interface=127.0.0.1",
+                    "--admin-listen",
+                    "off",
+                    "--cert",
+                    files["server.crt"],
+                    "--key",
+                    files["server.pem"],
+                    "--client-ca",
+                    files["ca"],
+                    "--audiences",
+                    "gschmarri",
+                ],
             ),
         ):
             process, port = start(command, environ)
