@@ -306,6 +306,13 @@ class IssueEndpointTests(SynchronousTestCase):
 
     # 404 / 405 / 413 / 415
 
+    def test_unknownPathReadableByAllowedOrigin(self) -> None:
+        response = self.one(rawRequest(path="/jwt/issuer", headers={"Origin": ALLOWED_ORIGIN}))
+        self.assertError(response, 404, "not_found")
+        self.assertEqual(response.header("access-control-allow-origin"), ALLOWED_ORIGIN)
+        foreign = self.one(rawRequest(path="/jwt/issuer", headers={"Origin": "https://evil.example"}))
+        self.assertIsNone(foreign.header("access-control-allow-origin"))
+
     def test_unknownPaths(self) -> None:
         for path in ("/", "/jwthmac", "/jwthmac/issue/extra", "/jwt/issue/", "/issue", "/jwthmac/other"):
             with self.subTest(path=path):

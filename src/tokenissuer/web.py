@@ -195,10 +195,18 @@ class JsonErrorResource(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, status: int, code: str, message: str, metrics: IssuerMetrics | None = None):
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        metrics: IssuerMetrics | None = None,
+        cors: CorsPolicy | None = None,
+    ):
         super().__init__()
         self.status, self.code, self.message = status, code, message
         self.metrics = metrics
+        self.cors = cors
 
     def render(self, request: server.Request) -> bytes:
         if self.metrics is not None:
@@ -210,7 +218,11 @@ class JsonErrorResource(resource.Resource):
             peer=_peer(request),
             reason=self.code,
         )
-        return _send(request, self.status, {"error": self.code, "message": self.message}, [])
+        headers: list[tuple[bytes, bytes]] = [(b"Vary", b"Origin")]
+        origin = request.getHeader(b"origin")
+        if origin is not None and self.cors is not None and self.cors.isAllowed(origin.decode("latin-1")):
+            headers.extend(self.cors.responseHeaders(origin.decode("latin-1")))
+        return _send(request, self.status, {"error": self.code, "message": self.message}, headers)
 
 
 NOT_FOUND_MESSAGE = "No such endpoint; request tokens with POST /jwthmac/issue or POST /jwt/issue."
@@ -386,7 +398,7 @@ def buildResourceTree(
     policy: IssuePolicy, identify: Callable[[Any], ClientIdentity] = clientIdentityOf
 ) -> resource.Resource:
     """The whole URL space: two issue paths, JSON 404 everywhere else."""
-    notFound = JsonErrorResource(404, "not_found", NOT_FOUND_MESSAGE, policy.metrics)
+    notFound = JsonErrorResource(404, "not_found", NOT_FOUND_MESSAGE, policy.metrics, policy.cors)
     root = JsonDirectory(notFound)
     issue = IssueResource(policy, identify)
     root.issueResource = issue  # type: ignore[attr-defined]
