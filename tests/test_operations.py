@@ -226,6 +226,23 @@ class ReloadTests(TestCase):
         self.assertNotIn(oldSerial, serials[serials.index(newSerial) :])
         self.assertIn("reloaded: server certificate", self.logs.text())
 
+    async def test_openConnectionFinishesOnOldMaterial(self) -> None:
+        self.start(**{"reload-interval": "0.2"})
+        client = Client(self.port, self.pki.path("ca.pem"), self.clientCert, self.clientKey)
+        connection = await deferToThread(client.connect)
+        self.addCleanup(connection.close)
+        self.assertEqual((await deferToThread(client.request, connection)).status, 200)
+        renewed = devpki.issueServer(self.pki.ca)
+        self.volume.update({"tls.crt": renewed.certificatePEM(), "tls.key": renewed.keyPEM()})
+        await deferLater(reactor, 1.0, lambda: None)
+        self.assertEqual(
+            await deferToThread(peerSerial, self.port, self.pki.path("ca.pem")), renewed.certificate.serial_number
+        )
+        # The keep-alive connection from before the swap still works, on its old session.
+        self.assertEqual((await deferToThread(client.request, connection)).status, 200)
+        der = connection.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
+        self.assertEqual(x509.load_der_x509_certificate(der).serial_number, self.pki.server.certificate.serial_number)
+
     async def test_brokenSwapKeepsServingOldMaterial(self) -> None:
         self.start(**{"reload-interval": "0.2"})
         stranger = devpki.issueServer(self.pki.ca)
