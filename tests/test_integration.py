@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import ssl
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -285,6 +286,34 @@ class IssuerOverTLSTests(TestCase):
             return "renegotiated"
 
         self.assertIn("no renegotiation", await self.inThread(renegotiate))
+
+    async def test_serverSendsOnlyItsOwnChainAndNamesClientCAs(self) -> None:
+        """The client CA must not leak into the server's chain; the CertificateRequest lists it."""
+        import socket
+
+        from OpenSSL import SSL
+
+        def handshake() -> tuple[list[str], list[str]]:
+            context = SSL.Context(SSL.TLS_METHOD)
+            context.set_max_proto_version(SSL.TLS1_2_VERSION)
+            raw = socket.create_connection(("127.0.0.1", self.port))
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 10, 0))
+            connection = SSL.Connection(context, raw)
+            connection.set_connect_state()
+            try:
+                connection.do_handshake()
+                chain = connection.get_peer_cert_chain(as_cryptography=True) or []
+                requested = connection.get_client_ca_list()
+                return (
+                    [c.subject.rfc4514_string() for c in chain],
+                    [name.CN for name in requested],  # type: ignore[attr-defined]
+                )
+            finally:
+                raw.close()
+
+        chain, requested = await self.inThread(handshake)
+        self.assertEqual(chain, ["CN=localhost"])
+        self.assertEqual(requested, ["tokenissuer test CA"])
 
     async def test_noCompression(self) -> None:
         client = self.client(self.pki.client, "good")

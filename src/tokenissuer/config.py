@@ -20,6 +20,7 @@ from tokenissuer.tls import CLIENT_AUTH_MODES
 MAX_TTL = 86400
 DEV_ORIGINS = ("http://localhost:*", "http://127.0.0.1:*")
 DEV_LISTEN = "tcp:4443:interface=127.0.0.1"
+DEV_DEMO_LISTEN = "tcp:8000:interface=127.0.0.1"
 
 
 class ConfigError(ValueError):
@@ -81,6 +82,53 @@ OPTIONS = (
         "2",
         "seconds between checks of the certificate, key, CA and HMAC key files for changes (0 disables)",
     ),
+    Option(
+        "demo-port",
+        "TOK_ISS_DEMO_PORT",
+        None,
+        "port number or endpoint string of the plain-HTTP diagnostic page that calls the issuer from a browser "
+        "(unset: off, with --dev 127.0.0.1:8000; 'off' disables it)",
+    ),
+    Option(
+        "handshake-timeout",
+        "TOK_ISS_HANDSHAKE_TIMEOUT",
+        "10",
+        "seconds a new connection has to finish the TLS handshake",
+    ),
+    Option(
+        "request-timeout",
+        "TOK_ISS_REQUEST_TIMEOUT",
+        "10",
+        "seconds from a request's first byte until its headers and body are complete",
+    ),
+    Option("idle-timeout", "TOK_ISS_IDLE_TIMEOUT", "60", "seconds an idle keep-alive connection stays open"),
+    Option(
+        "max-connections", "TOK_ISS_MAX_CONNECTIONS", "1024", "open TLS connections at most; more are closed at once"
+    ),
+    Option(
+        "subject-from",
+        "TOK_ISS_SUBJECT_FROM",
+        "cn",
+        "which certificate name becomes sub: cn, san-email, san-uri, san-dns or dn (RFC 4514)",
+    ),
+    Option(
+        "policy-file",
+        "TOK_ISS_POLICY_FILE",
+        None,
+        "JSON or YAML file saying per subject which audiences it may request and its flags (reloaded on change)",
+    ),
+    Option(
+        "crl",
+        "TOK_ISS_FILE_CRL",
+        None,
+        "space-separated CRL files (PEM or DER), one per client CA; revoked certificates fail the handshake",
+    ),
+    Option(
+        "crl-expired",
+        "TOK_ISS_CRL_EXPIRED",
+        "refuse",
+        "when a CRL is past its next update: refuse (fail closed) or accept client certificates",
+    ),
     Option("dev-dir", "TOK_ISS_DEV_DIR", "tokenissuer-dev", "folder for the development PKI and key (with --dev)"),
 )
 
@@ -109,7 +157,8 @@ class IssuerOptions(usage.Options):
             "dev",
             None,
             "development mode: create a throwaway PKI and HMAC key in --dev-dir if missing, "
-            "listen on 127.0.0.1:4443, allow http://localhost and http://127.0.0.1 origins",
+            "listen on 127.0.0.1:4443, allow http://localhost and http://127.0.0.1 origins, "
+            "serve the diagnostic page on 127.0.0.1:8000",
         ]
     ]
 
@@ -135,6 +184,17 @@ class Settings:
     adminListen: str | None = "tcp:9090:interface=127.0.0.1"
     drainSeconds: float = 10.0
     reloadInterval: float = 2.0
+    subjectFrom: str = "cn"
+    handshakeTimeout: float = 10.0
+    requestTimeout: float = 10.0
+    idleTimeout: float = 60.0
+    maxConnections: int = 1024
+    policyFile: str | None = None
+    crlFiles: tuple[str, ...] = ()
+    crlExpired: str = "refuse"
+    demoListen: str | None = None
+    #: The demo listener is development mode's default (a busy port then only warns).
+    demoIsDevDefault: bool = False
 
     def __repr__(self) -> str:
         return (
@@ -270,6 +330,14 @@ def resolveSettings(options: Mapping[str, object], environ: Mapping[str, str] | 
         adminListen = None
     drainSeconds = _seconds("drain-seconds", options, environ, 0, 300)
     reloadInterval = _seconds("reload-interval", options, environ, 0, 3600)
+    subjectFrom, policyFile, crlFiles, crlExpired = _clientPolicySettings(options, environ)
+    handshakeTimeout = _seconds("handshake-timeout", options, environ, 0.1, 300)
+    requestTimeout = _seconds("request-timeout", options, environ, 0.1, 300)
+    idleTimeout = _seconds("idle-timeout", options, environ, 1, 3600)
+    maxConnections = _seconds("max-connections", options, environ, 1, 1_000_000)
+    if maxConnections != int(maxConnections):
+        raise ConfigError(f"max-connections {maxConnections:g} is not a whole number")
+    demoListen, demoIsDevDefault = _demoListen(options, environ, dev)
 
     return Settings(
         listen=listen,
@@ -289,7 +357,57 @@ def resolveSettings(options: Mapping[str, object], environ: Mapping[str, str] | 
         adminListen=adminListen,
         drainSeconds=drainSeconds,
         reloadInterval=reloadInterval,
+        subjectFrom=subjectFrom,
+        handshakeTimeout=handshakeTimeout,
+        requestTimeout=requestTimeout,
+        idleTimeout=idleTimeout,
+        maxConnections=int(maxConnections),
+        policyFile=policyFile,
+        crlFiles=crlFiles,
+        crlExpired=crlExpired,
+        demoListen=demoListen,
+        demoIsDevDefault=demoIsDevDefault,
     )
+
+
+def _demoListen(options: Mapping[str, object], environ: Mapping[str, str], dev: bool) -> tuple[str | None, bool]:
+    """The diagnostic page's endpoint (None: off) and whether it is only development mode's default."""
+    text, source = _raw(options, environ, "demo-port")
+    if text is None:
+        return (DEV_DEMO_LISTEN, True) if dev else (None, False)
+    value = text.strip()
+    if not value:
+        raise ConfigError(f"the demo port from {source} is empty (use 'off' to disable the diagnostic page)")
+    if value.lower() == "off":
+        return None, False
+    if value.isdigit():
+        if int(value) > 65535:
+            raise ConfigError(f"demo port {value} from {source} is outside 0-65535")
+        return f"tcp:{int(value)}", False
+    return value, False
+
+
+def _clientPolicySettings(
+    options: Mapping[str, object], environ: Mapping[str, str]
+) -> tuple[str, str | None, tuple[str, ...], str]:
+    """Which name becomes sub, the policy file, the CRL files and what an expired CRL means."""
+    from tokenissuer.policy import SUBJECT_SOURCES
+
+    subjectText, subjectSource = _raw(options, environ, "subject-from")
+    subjectFrom = (subjectText or "").strip().lower()
+    if subjectFrom not in SUBJECT_SOURCES:
+        raise ConfigError(
+            f"subject-from {subjectText!r} from {subjectSource} must be one of: {', '.join(SUBJECT_SOURCES)}"
+        )
+    policyText, policySource = _raw(options, environ, "policy-file")
+    policyFile = policyText.strip() if policyText and policyText.strip() else None
+    crlText, _ = _raw(options, environ, "crl")
+    crlFiles = tuple((crlText or "").split())
+    expiredText, expiredSource = _raw(options, environ, "crl-expired")
+    crlExpired = (expiredText or "").strip().lower()
+    if crlExpired not in ("refuse", "accept"):
+        raise ConfigError(f"crl-expired {expiredText!r} from {expiredSource} must be refuse or accept")
+    return subjectFrom, policyFile, crlFiles, crlExpired
 
 
 def _seconds(name: str, options: Mapping[str, object], environ: Mapping[str, str], low: float, high: float) -> float:

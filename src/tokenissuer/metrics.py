@@ -78,6 +78,20 @@ class IssuerMetrics:
         self.reloads = Counter(
             "tokenissuer_reloads", "Reload attempts, by outcome.", ["outcome"], registry=self.registry
         )
+        self.connectionsRefused = Counter(
+            "tokenissuer_connections_refused",
+            "Connections closed at once because max-connections were open.",
+            registry=self.registry,
+        )
+        self._crlNextUpdate: float | None = None
+        self.crlNextUpdateSeconds = Gauge(
+            "tokenissuer_crl_next_update_seconds",
+            "Seconds until the earliest configured CRL's next update (negative: expired; absent without CRLs).",
+            registry=self.registry,
+        )
+        self.crlNextUpdateSeconds.set_function(
+            lambda: float("nan") if self._crlNextUpdate is None else self._crlNextUpdate - self._clock()
+        )
         self.ready = Gauge("tokenissuer_ready", "1 while the service accepts new connections.", registry=self.registry)
         for reason in HANDSHAKE_REASONS:
             self.handshakeFailures.labels(reason=reason)
@@ -91,6 +105,9 @@ class IssuerMetrics:
 
     def serverCertificateInUse(self, notAfter: float) -> None:
         self._certificateNotAfter = notAfter
+
+    def crlNextUpdate(self, when: float | None) -> None:
+        self._crlNextUpdate = when
 
     def issued(self, audience: str, listed: bool) -> None:
         self.tokensIssued.labels(audience=audience if listed else UNLISTED_AUDIENCE).inc()

@@ -103,3 +103,34 @@ def loadClientCAs(path: str) -> list[x509.Certificate]:
                 "which is not a CA certificate"
             )
     return certificates
+
+
+def loadCRLs(
+    paths: tuple[str, ...] | list[str], clientCAs: list[x509.Certificate]
+) -> list[x509.CertificateRevocationList]:
+    """
+    Load CRLs (PEM or DER). Each must be signed by a CA in the client CA bundle,
+    so a stray or forged CRL cannot silently switch revocation off.
+    """
+    crls = []
+    for path in paths:
+        data = readFile(path, "CRL")
+        try:
+            if b"-----BEGIN X509 CRL-----" in data:
+                crl = x509.load_pem_x509_crl(data)
+            else:
+                crl = x509.load_der_x509_crl(data)
+        except ValueError:
+            raise PemError(f"CRL file {path!r} holds no PEM or DER certificate revocation list") from None
+        issuers = [ca for ca in clientCAs if ca.subject == crl.issuer]
+        if not any(crl.is_signature_valid(ca.public_key()) for ca in issuers):  # type: ignore[arg-type]
+            raise PemError(
+                f"CRL file {path!r} is not signed by a CA in the client CA bundle "
+                f"(its issuer is {crl.issuer.rfc4514_string()!r})"
+            )
+        crls.append(crl)
+    return crls
+
+
+def crlNextUpdate(crl: x509.CertificateRevocationList) -> datetime.datetime | None:
+    return crl.next_update_utc

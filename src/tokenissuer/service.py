@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography import x509
 from OpenSSL import SSL
 from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredList
@@ -25,7 +26,8 @@ from twisted.logger import Logger
 from tokenissuer.admin import buildAdminSite
 from tokenissuer.config import ConfigError, Settings, devDirFrom, readHmacKeyFile, resolveSettings
 from tokenissuer.metrics import IssuerMetrics
-from tokenissuer.pemfiles import PemError, ServerIdentity, loadClientCAs, loadServerIdentity, readFile
+from tokenissuer.pemfiles import PemError, ServerIdentity, loadClientCAs, loadCRLs, loadServerIdentity, readFile
+from tokenissuer.policy import ClientPolicy, PolicyError, loadPolicyFile
 from tokenissuer.signer import HmacTokenSigner, SignerKeyError
 from tokenissuer.tls import IssuerTLSFactory, ServerConnectionCreator, buildServerContext
 from tokenissuer.web import IssuePolicy, IssueResource, IssuerSite, buildResourceTree
@@ -55,6 +57,8 @@ class Material:
     identity: ServerIdentity
     context: SSL.Context
     hmacKey: bytes
+    clientPolicy: ClientPolicy | None = None
+    crls: tuple[x509.CertificateRevocationList, ...] = ()
 
 
 def loadMaterial(settings: Settings) -> Material:
@@ -62,10 +66,19 @@ def loadMaterial(settings: Settings) -> Material:
     try:
         identity = loadServerIdentity(settings.cert, settings.key)
         clientCAs = loadClientCAs(settings.clientCA)
+        crls = loadCRLs(settings.crlFiles, clientCAs)
     except PemError as error:
         raise MaterialError(str(error)) from None
+    clientPolicy = None
+    if settings.policyFile is not None:
+        try:
+            clientPolicy = loadPolicyFile(settings.policyFile, readFile(settings.policyFile, "policy"))
+        except (PemError, PolicyError) as error:
+            raise MaterialError(str(error)) from None
     try:
-        context = buildServerContext(identity, clientCAs, settings.clientAuth)
+        context = buildServerContext(
+            identity, clientCAs, settings.clientAuth, crls, acceptExpiredCRL=settings.crlExpired == "accept"
+        )
     except Exception as error:  # OpenSSL refuses what cryptography accepted
         raise MaterialError(f"the TLS context cannot be built: {error}") from None
     hmacKey = settings.hmacKey
@@ -75,12 +88,14 @@ def loadMaterial(settings: Settings) -> Material:
             HmacTokenSigner._checkedKey(hmacKey)
         except (ConfigError, SignerKeyError) as error:
             raise MaterialError(str(error)) from None
-    return Material(identity=identity, context=context, hmacKey=hmacKey)
+    return Material(identity=identity, context=context, hmacKey=hmacKey, clientPolicy=clientPolicy, crls=tuple(crls))
 
 
 def materialFingerprint(settings: Settings) -> bytes:
     """The current bytes of every watched file (cheap: a few small files), to detect changes."""
-    paths = [settings.cert, settings.key, settings.clientCA]
+    paths = [settings.cert, settings.key, settings.clientCA, *settings.crlFiles]
+    if settings.policyFile is not None:
+        paths.append(settings.policyFile)
     if settings.hmacKeyFile is not None:
         paths.append(settings.hmacKeyFile)
     parts = []
@@ -118,14 +133,31 @@ class IssuerService(service.Service):
         self.signer = HmacTokenSigner(material.hmacKey, settings.issuer, settings.ttl)
         self.creator = ServerConnectionCreator(material.context)
         self.policy = IssuePolicy(
-            signer=self.signer, cors=settings.origins, audiences=settings.audiences, metrics=self.metrics
+            signer=self.signer,
+            cors=settings.origins,
+            audiences=settings.audiences,
+            metrics=self.metrics,
+            subjectFrom=settings.subjectFrom,
+            clientPolicy=material.clientPolicy,
         )
+        self._noteCRLs(material)
         root = buildResourceTree(self.policy)
         self.issueResource: IssueResource = root.issueResource  # type: ignore[attr-defined]
-        self.site = IssuerSite(root, reactor=reactor)
-        self.factory = IssuerTLSFactory(self.creator, self.site, onHandshakeFailure=self.metrics.handshakeFailed)
+        self.site = IssuerSite(
+            root, reactor=reactor, idleTimeout=settings.idleTimeout, requestTimeout=settings.requestTimeout
+        )
+        self.factory = IssuerTLSFactory(
+            self.creator,
+            self.site,
+            onHandshakeFailure=self.metrics.handshakeFailed,
+            reactor=reactor,
+            handshakeTimeout=settings.handshakeTimeout,
+            maxConnections=settings.maxConnections,
+            onConnectionRefused=self.metrics.connectionsRefused.inc,
+        )
         self.port: IListeningPort | None = None
         self.adminPort: IListeningPort | None = None
+        self.demoPort: IListeningPort | None = None
         self.draining = False
         self._fingerprint = materialFingerprint(settings)
         self._watcher: LoopingCall | None = None
@@ -157,6 +189,8 @@ class IssuerService(service.Service):
             log.error("reload failed, still serving the previous material: {error}", error=str(error))
             return False
         self.creator.context = material.context
+        self.policy.clientPolicy = material.clientPolicy
+        self._noteCRLs(material)
         keyChanged = self.signer.replaceKey(material.hmacKey)
         self.material = material
         self.metrics.serverCertificateInUse(material.identity.leaf.not_valid_after_utc.timestamp())
@@ -167,6 +201,20 @@ class IssuerService(service.Service):
             keyState="changed" if keyChanged else "unchanged",
         )
         return True
+
+    def _noteCRLs(self, material: Material) -> None:
+        """Publish the earliest CRL next-update time; warn about expired CRLs (they fail closed by default)."""
+        nextUpdates = [crl.next_update_utc for crl in material.crls if crl.next_update_utc is not None]
+        self.metrics.crlNextUpdate(min(nextUpdates).timestamp() if nextUpdates else None)
+        now = self.reactor.seconds()
+        for crl in material.crls:
+            if crl.next_update_utc is not None and crl.next_update_utc.timestamp() < now:
+                log.warn(
+                    "the CRL of {issuer} expired at {when}: its client certificates are {effect}",
+                    issuer=crl.issuer.rfc4514_string(),
+                    when=crl.next_update_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                    effect="accepted (crl-expired=accept)" if self.settings.crlExpired == "accept" else "refused",
+                )
 
     def _hangup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.reload, True)
@@ -192,6 +240,8 @@ class IssuerService(service.Service):
                 raise StartupError(
                     f"cannot listen on the admin endpoint {self.settings.adminListen}: {failures[0].getErrorMessage()}"
                 )
+        if self.settings.demoListen is not None:
+            self._startDemo(serverFromString(self.reactor, self.settings.demoListen))
         if self.settings.reloadInterval > 0:
             self._watcher = LoopingCall(self.reload)
             self._watcher.clock = self.reactor
@@ -216,6 +266,40 @@ class IssuerService(service.Service):
 
     def _adminListening(self, port: IListeningPort) -> None:
         self.adminPort = port
+
+    def _startDemo(self, endpoint: Any) -> None:
+        """Serve the diagnostic page; a busy port is fatal unless the page is only dev mode's default."""
+        from tokenissuer.demo import FALLBACK_AUDIENCE, buildDemoSite, issuerUrlFor
+
+        assert self.port is not None
+        issuerPort = getattr(self.port.getHost(), "port", None)
+        audience = sorted(self.settings.audiences)[0] if self.settings.audiences else FALLBACK_AUDIENCE
+        site = buildDemoSite(lambda: issuerUrlFor(self.material.identity.leaf, issuerPort), audience)
+        failures: list[Any] = []
+        endpoint.listen(site).addCallbacks(self._demoListening, failures.append)
+        if not failures:
+            return
+        problem = f"cannot serve the diagnostic page on {self.settings.demoListen}: {failures[0].getErrorMessage()}"
+        if not self.settings.demoIsDevDefault:
+            raise StartupError(problem)
+        log.warn("development mode: {problem}; choose another with --demo-port, or 'off'", problem=problem)
+
+    def _demoListening(self, port: IListeningPort) -> None:
+        from tokenissuer.demo import issuerUrlFor, pageUrlFor
+
+        self.demoPort = port
+        address = port.getHost()
+        url = pageUrlFor(str(getattr(address, "host", "")), getattr(address, "port", 0))
+        origin = url.rstrip("/")
+        issuerPort = getattr(self.port.getHost(), "port", None) if self.port is not None else None
+        log.info(
+            "diagnostic page: open {url} in a browser that holds a client certificate; it calls {issuer}{note}",
+            url=url,
+            issuer=issuerUrlFor(self.material.identity.leaf, issuerPort),
+            note=""
+            if self.settings.origins.isAllowed(origin)
+            else f" (its origin {origin} is not in the allowed origins: add it to TOK_ISS_ALLOWED_ORIGINS)",
+        )
 
     def _listening(self, port: IListeningPort) -> None:
         self.port = port
@@ -315,6 +399,9 @@ class IssuerService(service.Service):
         if self.adminPort is not None:
             adminPort, self.adminPort = self.adminPort, None
             await adminPort.stopListening()  # type: ignore[misc]
+        if self.demoPort is not None:
+            demoPort, self.demoPort = self.demoPort, None
+            await demoPort.stopListening()  # type: ignore[misc]
 
 
 def _acceptQueued(port: Any) -> None:
@@ -345,7 +432,11 @@ def buildService(settings: Settings, reactor: Any = None, handleTermination: boo
         material = loadMaterial(settings)
     except MaterialError as error:
         raise StartupError(str(error)) from None
-    for what, description in (("listen", settings.listen), ("admin-listen", settings.adminListen)):
+    for what, description in (
+        ("listen", settings.listen),
+        ("admin-listen", settings.adminListen),
+        ("demo-port", settings.demoListen),
+    ):
         if description is None:
             continue
         try:

@@ -43,9 +43,13 @@ CLIENT_AUTH_MODES = ("optional", "required")
 #: OpenSSL X509_V_ERR codes a person is likely to meet, in words.
 _VERIFY_REASONS = {
     2: "issuer certificate not found",
+    3: "no CRL for the certificate's issuer",
     7: "certificate signature failure",
+    8: "CRL signature failure",
     9: "certificate not yet valid",
     10: "certificate expired",
+    11: "CRL not yet valid",
+    12: "CRL has expired",
     18: "self-signed certificate",
     19: "self-signed certificate in chain",
     20: "issuer not trusted",
@@ -56,6 +60,8 @@ _VERIFY_REASONS = {
 }
 
 _SESSION_ID_CONTEXT = b"tokenissuer"
+#: SSL_MODE_NO_AUTO_CHAIN (OpenSSL 1.0.2+); pyOpenSSL has no name for it.
+_SSL_MODE_NO_AUTO_CHAIN = 0x00000008
 
 log = Logger()
 
@@ -75,13 +81,25 @@ def _setGroups(context: SSL.Context, groups: bytes) -> None:
         raise ValueError(f"OpenSSL refused the key exchange groups {groups!r}")
 
 
+#: X509_V_ERR_CRL_HAS_EXPIRED, tolerated only when configured to fail open.
+_CRL_HAS_EXPIRED = 12
+
+
 def _verifyClientCertificate(
-    connection: SSL.Connection, certificate: crypto.X509, errno: int, depth: int, ok: int
+    connection: SSL.Connection,
+    certificate: crypto.X509,
+    errno: int,
+    depth: int,
+    ok: int,
+    *,
+    acceptExpiredCRL: bool = False,
 ) -> bool:
     """
     Accept exactly what OpenSSL's chain validation accepted (trust, dates, the
-    clientAuth purpose for the leaf), and say why when it did not.
+    clientAuth purpose for the leaf, revocation), and say why when it did not.
     """
+    if not ok and acceptExpiredCRL and errno == _CRL_HAS_EXPIRED:
+        return True
     if not ok:
         protocol = connection.get_app_data()
         if isinstance(protocol, IssuerTLSProtocol):
@@ -99,7 +117,13 @@ def _verifyClientCertificate(
     return True
 
 
-def buildServerContext(identity: ServerIdentity, clientCAs: list[x509.Certificate], clientAuth: str) -> SSL.Context:
+def buildServerContext(
+    identity: ServerIdentity,
+    clientCAs: list[x509.Certificate],
+    clientAuth: str,
+    crls: list[x509.CertificateRevocationList] | None = None,
+    acceptExpiredCRL: bool = False,
+) -> SSL.Context:
     """Make the pyOpenSSL server context for one set of certificate material."""
     if clientAuth not in CLIENT_AUTH_MODES:
         raise ValueError(f"client-auth must be one of {', '.join(CLIENT_AUTH_MODES)}")
@@ -109,26 +133,36 @@ def buildServerContext(identity: ServerIdentity, clientCAs: list[x509.Certificat
     context.set_cipher_list(MOZILLA_INTERMEDIATE_CIPHERS)
     _setGroups(context, MOZILLA_INTERMEDIATE_GROUPS)
 
-    context.use_certificate(crypto.X509.from_cryptography(identity.leaf))
+    # Serve exactly the chain in the certificate file: without this OpenSSL
+    # completes a short chain from the store below, which holds the *client* CAs.
+    context.set_mode(_SSL_MODE_NO_AUTO_CHAIN)
+    context.use_certificate(identity.leaf)
     for intermediate in identity.chain[1:]:
-        context.add_extra_chain_cert(crypto.X509.from_cryptography(intermediate))
-    context.use_privatekey(crypto.PKey.from_cryptography_key(identity.key))  # type: ignore[arg-type]
+        context.add_extra_chain_cert(intermediate)
+    context.use_privatekey(identity.key)  # type: ignore[arg-type]
     context.check_privatekey()
 
     store = context.get_cert_store()
     assert store is not None
-    caNames = []
     for ca in clientCAs:
-        certificate = crypto.X509.from_cryptography(ca)
-        store.add_cert(certificate)
-        caNames.append(certificate.get_subject())
-    # Tell clients which CAs we accept, so browsers only offer matching certificates.
-    context.set_client_ca_list(caNames)
+        store.add_cert(crypto.X509.from_cryptography(ca))
+        # Name it in the CertificateRequest, so browsers only offer matching certificates.
+        context.add_client_ca(ca)
+    if crls:
+        for crl in crls:
+            store.add_crl(crl)
+        # Check the leaf against its issuer's CRL; a CA without a CRL then fails closed.
+        store.set_flags(crypto.X509StoreFlags.CRL_CHECK)
 
     mode = SSL.VERIFY_PEER | SSL.VERIFY_CLIENT_ONCE
     if clientAuth == "required":
         mode |= SSL.VERIFY_FAIL_IF_NO_PEER_CERT
-    context.set_verify(mode, _verifyClientCertificate)
+    context.set_verify(
+        mode,
+        lambda connection, certificate, errno, depth, ok: _verifyClientCertificate(
+            connection, certificate, errno, depth, ok, acceptExpiredCRL=acceptExpiredCRL
+        ),
+    )
     context.set_verify_depth(8)
     # Required for session resumption whenever peers are verified; the resumed
     # session carries the verified client certificate with it.
@@ -178,7 +212,7 @@ def clientIdentityOf(transport: Any) -> ClientIdentity:
 
     Read per connection, at request time: a certificate can only be present if
     the verify callback accepted it (or, for a resumed session, accepted it on
-    the original handshake), and OpenSSL's verify result must still say so.
+    the original handshake): a refused certificate fails the handshake.
     """
     getHandle = getattr(transport, "getHandle", None)
     if getHandle is None:
@@ -188,10 +222,6 @@ def clientIdentityOf(transport: Any) -> ClientIdentity:
         return _NO_CLIENT
     certificate = connection.get_peer_certificate(as_cryptography=True)
     if certificate is None:
-        return _NO_CLIENT
-    from OpenSSL._util import lib  # noqa: PLC0415 - no public call for the verify result
-
-    if lib.SSL_get_verify_result(connection._ssl) != 0:  # type: ignore[attr-defined]
         return _NO_CLIENT
     return ClientIdentity(certificate)
 
@@ -230,17 +260,30 @@ class IssuerTLSProtocol(TLSMemoryBIOProtocol):
     factory: IssuerTLSFactory
     refusal: str | None = None
     openedAt: float = 0.0
+    _handshakeTimer: Any = None
 
     def makeConnection(self, transport: Any) -> None:
         self.openedAt = self.factory.clock()
         self.factory.connections.add(self)
+        if self.factory.handshakeTimeout and self.factory.reactor is not None:
+            self._handshakeTimer = self.factory.reactor.callLater(self.factory.handshakeTimeout, self._handshakeTooSlow)
         super().makeConnection(transport)
+
+    def _handshakeTooSlow(self) -> None:
+        """Drop a peer that opened a connection but did not finish the handshake in time."""
+        self._handshakeTimer = None
+        if not self._handshakeDone:
+            self.refusal = "timeout"
+            self.abortConnection()
 
     @property
     def handshakeDone(self) -> bool:
         return self._handshakeDone
 
     def connectionLost(self, reason: Any = None) -> None:
+        if self._handshakeTimer is not None and self._handshakeTimer.active():
+            self._handshakeTimer.cancel()
+        self._handshakeTimer = None
         factory = self.factory
         factory.connections.discard(self)
         if not self._handshakeDone:
@@ -259,15 +302,37 @@ class IssuerTLSFactory(TLSMemoryBIOFactory):
         self,
         creator: ServerConnectionCreator,
         wrappedFactory: Any,
+        *,
         onHandshakeFailure: Any = None,
         clock: Any = None,
+        reactor: Any = None,
+        handshakeTimeout: float = 10.0,
+        maxConnections: int = 1024,
+        onConnectionRefused: Any = None,
     ) -> None:
         super().__init__(creator, False, wrappedFactory)
         import time
 
         self.connections: set[IssuerTLSProtocol] = set()
         self.clock = clock if clock is not None else time.monotonic
+        self.reactor = reactor
+        self.handshakeTimeout = handshakeTimeout
+        self.maxConnections = maxConnections
         self._onHandshakeFailure = onHandshakeFailure
+        self._onConnectionRefused = onConnectionRefused
+
+    def buildProtocol(self, addr: Any) -> Any:
+        if self.maxConnections and len(self.connections) >= self.maxConnections:
+            # Returning None makes Twisted close the new connection at once.
+            log.warn(
+                "refused a connection from {peer}: {count} connections open (max-connections)",
+                peer=str(addr),
+                count=len(self.connections),
+            )
+            if self._onConnectionRefused is not None:
+                self._onConnectionRefused()
+            return None
+        return super().buildProtocol(addr)
 
     def handshakeFailed(self, reason: str, protocol: IssuerTLSProtocol, cause: Any) -> None:
         if reason not in {"client_closed", "client_certificate_rejected"}:

@@ -21,6 +21,7 @@ from twisted.web import http, resource, server
 
 from tokenissuer.cors import CorsPolicy
 from tokenissuer.metrics import IssuerMetrics
+from tokenissuer.policy import ClientPolicy, PolicyRefusal, describeSubjectSource, subjectOf
 from tokenissuer.signer import HmacTokenSigner
 from tokenissuer.tls import ClientIdentity, clientIdentityOf
 
@@ -30,6 +31,11 @@ MAX_BODY_BYTES = 4096
 MAX_AUDIENCE_LENGTH = 256
 #: Seconds an idle connection may stay open between requests.
 IDLE_TIMEOUT = 60
+#: Seconds from a request's first byte to its last.
+REQUEST_TIMEOUT = 10
+#: Header limits: the real clients send about ten short headers.
+MAX_HEADERS = 64
+MAX_HEADER_BYTES = 8192
 
 ISSUE_METHODS = (b"OPTIONS", b"POST")
 
@@ -47,14 +53,16 @@ class ApiError(Exception):
         self.headers = headers
 
 
-@dataclass(frozen=True)
+@dataclass
 class IssuePolicy:
-    """What the issue endpoint needs to decide and mint, without any HTTP in it."""
+    """What the issue endpoint needs to decide and mint, without any HTTP in it (reload swaps clientPolicy)."""
 
     signer: HmacTokenSigner
     cors: CorsPolicy
     audiences: frozenset[str] | None  # None: any non-empty audience
     metrics: IssuerMetrics | None = None
+    subjectFrom: str = "cn"
+    clientPolicy: ClientPolicy | None = None
 
 
 def _rejectConstant(name: str) -> Any:
@@ -150,10 +158,61 @@ class IssuerRequest(server.Request):
 
 
 class IssuerChannel(http.HTTPChannel):
-    """An HTTP/1.1 channel that answers an oversized declared body at once."""
+    """
+    An HTTP/1.1 channel that answers an oversized declared body at once, keeps
+    headers small, and gives each request a deadline from its first byte to its
+    last, so a client sending a byte now and then (slowloris) cannot hold it.
+    """
 
     #: Finished requests on this connection (a drain closes idle used connections first).
     requestsServed = 0
+    #: Seconds from a request's first byte until its headers and body must be complete.
+    requestTimeout: float = REQUEST_TIMEOUT
+    maxHeaders = MAX_HEADERS
+    totalHeadersSize = MAX_HEADER_BYTES
+    _requestDeadline: Any = None
+    _timedOut = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._timedOut:
+            return  # answered 408 and closing: nothing more is read
+        if self._requestDeadline is None and self.requestTimeout:
+            self._requestDeadline = self.callLater(self.requestTimeout, self._requestTooSlow)  # type: ignore[attr-defined]
+        super().dataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._cancelDeadline()
+        super().allContentReceived()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._cancelDeadline()
+        super().connectionLost(reason)
+
+    def _cancelDeadline(self) -> None:
+        if self._requestDeadline is not None and self._requestDeadline.active():
+            self._requestDeadline.cancel()
+        self._requestDeadline = None
+
+    def _requestTooSlow(self) -> None:
+        self._requestDeadline = None
+        self._timedOut = True
+        body = json.dumps(
+            {
+                "error": "request_timeout",
+                "message": f"The request was not complete within {self.requestTimeout:g} seconds.",
+            },
+            separators=(",", ":"),
+        ).encode("utf-8")
+        log.info("refused slow request from {peer}: request_timeout", peer=str(self.transport.getPeer()))  # type: ignore[union-attr]
+        self.transport.write(  # type: ignore[union-attr]
+            b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nCache-Control: no-store\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        self.persistent = False
+        transport = self.transport
+        transport.loseConnection()  # type: ignore[union-attr]
+        # A slow client may not read our close either: cut it off shortly after.
+        self.callLater(2, lambda: transport.abortConnection() if transport.connected else None)  # type: ignore[attr-defined,union-attr]
 
     def requestDone(self, request: Any) -> None:
         self.requestsServed += 1
@@ -359,9 +418,15 @@ class IssueResource(resource.Resource):
                 "client_certificate_required",
                 "This connection carries no verified client certificate; present one issued by a trusted CA." + hint,
             )
-        subject = identity.commonName
+        assert identity.certificate is not None
+        subject = subjectOf(identity.certificate, self.policy.subjectFrom)
         if not subject:
-            raise ApiError(403, "subject_missing", "The client certificate's subject has no common name (CN).")
+            raise ApiError(
+                403,
+                "subject_missing",
+                f"The client certificate has no {describeSubjectSource(self.policy.subjectFrom)}, "
+                "which this issuer uses as the token's subject.",
+            )
         context["sub"] = subject
         if not _isJsonContentType(request.getHeader(b"content-type")):
             raise ApiError(415, "unsupported_media_type", "Send the request body as Content-Type: application/json.")
@@ -375,7 +440,14 @@ class IssueResource(resource.Resource):
             raise ApiError(
                 403, "audience_not_allowed", f"This issuer does not issue tokens for the audience {audience[:100]!r}."
             )
-        minted = self.policy.signer.mint(subject=subject, audience=audience)
+        flags = 0
+        clientPolicy = self.policy.clientPolicy
+        if clientPolicy is not None:
+            try:
+                flags = clientPolicy.decide(subject, audience)
+            except PolicyRefusal as refusal:
+                raise ApiError(403, refusal.code, refusal.message) from None
+        minted = self.policy.signer.mint(subject=subject, audience=audience, flags=flags)
         if self.policy.metrics is not None:
             self.policy.metrics.issued(audience, listed=allowed is not None)
         log.info(
@@ -417,9 +489,21 @@ class IssuerSite(server.Site):
     displayTracebacks = False
     noisy = False
 
-    def __init__(self, root: resource.Resource, reactor: Any = None):
+    def __init__(
+        self,
+        root: resource.Resource,
+        reactor: Any = None,
+        idleTimeout: float = IDLE_TIMEOUT,
+        requestTimeout: float = REQUEST_TIMEOUT,
+    ):
         kwargs = {"reactor": reactor} if reactor is not None else {}
-        super().__init__(root, timeout=IDLE_TIMEOUT, **kwargs)
+        super().__init__(root, timeout=idleTimeout, **kwargs)
+        self.requestTimeout = requestTimeout
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        channel.requestTimeout = self.requestTimeout
+        return channel
 
     def log(self, request: object) -> None:
         pass
