@@ -88,7 +88,9 @@ class LogCapture:
         return "\n".join(self.messages())
 
 
-def startIssuer(testCase: Any, pki: TestPKI, **options: Any) -> tuple[int, IssuerService]:
+def startIssuer(
+    testCase: Any, pki: TestPKI, environ: dict[str, str] | None = None, **options: Any
+) -> tuple[int, IssuerService]:
     """Start an issuer in this process on a free loopback port; stop it on cleanup."""
     values: dict[str, Any] = {
         "listen": "tcp:0:interface=127.0.0.1",
@@ -100,7 +102,7 @@ def startIssuer(testCase: Any, pki: TestPKI, **options: Any) -> tuple[int, Issue
         "audiences": "gschmarri dummy",
     }
     values.update(options)
-    settings = resolveSettings(values, {"TOK_ISS_HMAC_SECRET": TEST_HMAC_KEY})
+    settings = resolveSettings(values, environ if environ is not None else {"TOK_ISS_HMAC_SECRET": TEST_HMAC_KEY})
     service = buildService(settings, reactor)
     service.startService()
     testCase.addCleanup(_stopIssuer, service)

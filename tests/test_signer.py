@@ -54,9 +54,12 @@ class TokenShapeTests(SynchronousTestCase):
             self.assertNotIn("/", segment)
 
     def test_header(self) -> None:
-        """The header names HS256 and JWT and nothing else."""
+        """The header names HS256, JWT and the key id (which the consumer ignores), nothing else."""
         token = _signer().mint(SUBJECT, AUDIENCE).token
-        self.assertEqual(_segmentJSON(token, 0), {"alg": "HS256", "typ": "JWT"})
+        header = _segmentJSON(token, 0)
+        self.assertEqual(header, {"alg": "HS256", "typ": "JWT", "kid": header["kid"]})
+        self.assertRegex(header["kid"], r"^[A-Za-z0-9_-]{16}$")
+        self.assertNotIn(KEY.decode("latin-1")[:8], header["kid"])
 
     def test_tokenIsString(self) -> None:
         """The token is text, ready to be put into a JSON answer."""

@@ -36,9 +36,9 @@ class CountingSigner(HmacTokenSigner):
 
     minted = 0
 
-    def mint(self, subject: str, audience: str, flags: int = 0) -> Any:
+    def mint(self, subject: str, audience: str, flags: int = 0, certificateSHA256: bytes | None = None) -> Any:
         self.minted += 1
-        return super().mint(subject, audience, flags)
+        return super().mint(subject, audience, flags, certificateSHA256)
 
 
 class ParsedResponse:
@@ -357,7 +357,7 @@ class IssueEndpointTests(SynchronousTestCase):
     # 500
 
     def test_internalErrorIsJsonWithoutTraceback(self) -> None:
-        def broken(subject: str, audience: str, flags: int = 0) -> Any:
+        def broken(subject: str, audience: str, flags: int = 0, certificateSHA256: bytes | None = None) -> Any:
             raise RuntimeError("secret-internal-detail")
 
         self.signer.mint = broken  # type: ignore[method-assign]

@@ -5,12 +5,15 @@ a client certificate (kubelet probes present none).
   /healthz  the process runs its event loop
   /readyz   it accepts connections with a valid TLS context and is not draining
   /metrics  Prometheus text format
+  /openapi.yaml  the OpenAPI document of both listeners
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from importlib import resources
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web import resource, server
@@ -67,6 +70,21 @@ class Metrics(_Leaf):
         return generate_latest(self._metrics.registry)
 
 
+class OpenApiDocument(_Leaf):
+    """The service's OpenAPI document (package data), read once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._document = resources.files("tokenissuer").joinpath("openapi.yaml").read_bytes()
+
+    def answer(self, request: server.Request) -> bytes:
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", b"application/yaml")
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"Server", b"tokenissuer")
+        return self._document
+
+
 class AdminRoot(resource.Resource):
     def getChild(self, path: bytes, request: server.Request) -> resource.Resource:
         return NotFound()
@@ -87,9 +105,38 @@ class AdminSite(server.Site):
         pass
 
 
-def buildAdminSite(metrics: IssuerMetrics, isReady: Callable[[], tuple[bool, str]]) -> AdminSite:
+class Jwks(_Leaf):
+    """Public signing keys for consumers (RFC 7517); 404 when tokens are HMAC-signed."""
+
+    def __init__(self, jwks: Callable[[], dict[str, Any] | None]):
+        super().__init__()
+        self._jwks = jwks
+
+    def answer(self, request: server.Request) -> bytes:
+        document = self._jwks()
+        if document is None:
+            return _json(
+                request, 404, {"error": "not_found", "message": "Tokens are HMAC-signed: there is no public key."}
+            )
+        body = _json(request, 200, document)
+        request.setHeader(b"Content-Type", b"application/jwk-set+json")
+        # Consumers may cache it briefly; rotation keeps retired keys published for a token lifetime.
+        request.setHeader(b"Cache-Control", b"max-age=300")
+        return body
+
+
+def buildAdminSite(
+    metrics: IssuerMetrics,
+    isReady: Callable[[], tuple[bool, str]],
+    jwks: Callable[[], dict[str, Any] | None] | None = None,
+) -> AdminSite:
     root = AdminRoot()
     root.putChild(b"healthz", Health())
     root.putChild(b"readyz", Readiness(isReady))
     root.putChild(b"metrics", Metrics(metrics))
+    root.putChild(b"openapi.yaml", OpenApiDocument())
+    if jwks is not None:
+        wellKnown = AdminRoot()
+        wellKnown.putChild(b"jwks.json", Jwks(jwks))
+        root.putChild(b".well-known", wellKnown)
     return AdminSite(root)

@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from twisted.python import usage
 
 from tokenissuer.cors import CorsPolicy, OriginError
 from tokenissuer.pemfiles import PemError, readFile
-from tokenissuer.signer import MINIMUM_HMAC_KEY_BYTES
 from tokenissuer.tls import CLIENT_AUTH_MODES
 
 MAX_TTL = 86400
 DEV_ORIGINS = ("http://localhost:*", "http://127.0.0.1:*")
 DEV_LISTEN = "tcp:4443:interface=127.0.0.1"
 DEV_DEMO_LISTEN = "tcp:8000:interface=127.0.0.1"
+
+
+#: Options that take no value on the command line (their variable takes true/false).
+FLAGS = ("bind-token",)
 
 
 class ConfigError(ValueError):
@@ -105,6 +108,26 @@ OPTIONS = (
     Option(
         "max-connections", "TOK_ISS_MAX_CONNECTIONS", "1024", "open TLS connections at most; more are closed at once"
     ),
+    Option("type", "TOK_ISS_TYPE", "HS256", "signing algorithm: HS256, HS384, HS512, ES256, ES384 or EdDSA"),
+    Option("key-id", "TOK_ISS_KEY_ID", None, "kid in every token header (default: derived from the key)"),
+    Option(
+        "env-secrets",
+        "TOK_ISS_ENV_SECRETS",
+        None,
+        "space-separated names of variables holding one key per audience, in TOK_ISS_ALLOWED_AUDIENCES order",
+    ),
+    Option(
+        "retired-keys",
+        "TOK_ISS_RETIRED_KEYS",
+        None,
+        "space-separated PEM files of retired ES*/EdDSA keys still published in the JWKS",
+    ),
+    Option(
+        "bind-token",
+        "TOK_ISS_BIND_TOKEN",
+        None,
+        "true: bind tokens to the client certificate (RFC 8705 cnf x5t#S256)",
+    ),
     Option(
         "subject-from",
         "TOK_ISS_SUBJECT_FROM",
@@ -151,15 +174,16 @@ class IssuerOptions(usage.Options):
         "Serve HTTPS on the listen endpoint and answer POST /jwthmac/issue with a short-lived "
         "JWT for the caller's verified TLS client certificate. Options override environment variables."
     )
-    optParameters = [[option.name, None, None, _helpText(option)] for option in OPTIONS]
+    optParameters = [[option.name, None, None, _helpText(option)] for option in OPTIONS if option.name not in FLAGS]
     optFlags = [
+        *([option.name, None, _helpText(option)] for option in OPTIONS if option.name in FLAGS),
         [
             "dev",
             None,
             "development mode: create a throwaway PKI and HMAC key in --dev-dir if missing, "
             "listen on 127.0.0.1:4443, allow http://localhost and http://127.0.0.1 origins, "
             "serve the diagnostic page on 127.0.0.1:8000",
-        ]
+        ],
     ]
 
 
@@ -185,6 +209,11 @@ class Settings:
     drainSeconds: float = 10.0
     reloadInterval: float = 2.0
     subjectFrom: str = "cn"
+    algorithm: str = "HS256"
+    keyId: str | None = None
+    audienceKeyMaterial: dict[str, bytes] = field(default_factory=dict, repr=False)
+    bindToken: bool = False
+    retiredKeyFiles: tuple[str, ...] = ()
     handshakeTimeout: float = 10.0
     requestTimeout: float = 10.0
     idleTimeout: float = 60.0
@@ -234,20 +263,78 @@ def readHmacKeyFile(path: str) -> bytes:
     return data
 
 
-def _hmacKey(options: Mapping[str, object], environ: Mapping[str, str]) -> tuple[bytes, str, str | None]:
+def _hmacKey(
+    options: Mapping[str, object], environ: Mapping[str, str], required: bool = True
+) -> tuple[bytes, str, str | None]:
+    """The signing key material (HMAC bytes, or a PEM key for ES*/EdDSA), where it came from, and its file."""
     path, source = _raw(options, environ, "hmac-secret-file")
     if path is not None:
         key, where = readHmacKeyFile(path), f"file {path!r}"
     elif "TOK_ISS_HMAC_SECRET" in environ:
         key, where = environ["TOK_ISS_HMAC_SECRET"].encode("utf-8"), "TOK_ISS_HMAC_SECRET"
+    elif not required:
+        return b"", "nowhere", None
     else:
-        raise ConfigError("no HMAC key: set TOK_ISS_HMAC_SECRET or give --hmac-secret-file")
-    if len(key) < MINIMUM_HMAC_KEY_BYTES:
-        raise ConfigError(
-            f"the HMAC key from {where} is {len(key)} bytes; HS256 needs at least "
-            f"{MINIMUM_HMAC_KEY_BYTES} bytes (RFC 7518 section 3.2)"
-        )
+        raise ConfigError("no signing key: set TOK_ISS_HMAC_SECRET or give --hmac-secret-file")
     return key, where, path
+
+
+def _truthy(text: str | None) -> bool:
+    return (text or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _signingSettings(
+    options: Mapping[str, object],
+    environ: Mapping[str, str],
+    key: tuple[bytes, str],
+    audiences: frozenset[str] | None,
+    audienceOrder: list[str],
+) -> tuple[str, str | None, dict[str, bytes], bool, tuple[str, ...]]:
+    """Algorithm, key id, per-audience key material, certificate binding and retired key files, checked."""
+    from tokenissuer.signer import ALGORITHMS, SignerKeyError, signingKeyFrom
+
+    hmacKey, hmacSource = key
+
+    typeText, typeSource = _raw(options, environ, "type")
+    algorithm = (typeText or "").strip()
+    matches = [name for name in ALGORITHMS if name.lower() == algorithm.lower()]
+    if not matches:
+        raise ConfigError(f"token type {typeText!r} from {typeSource} must be one of: {', '.join(ALGORITHMS)}")
+    algorithm = matches[0]
+    keyIdText, _ = _raw(options, environ, "key-id")
+    keyId = keyIdText.strip() if keyIdText and keyIdText.strip() else None
+
+    namesText, namesSource = _raw(options, environ, "env-secrets")
+    names = (namesText or "").split()
+    audienceKeys: dict[str, bytes] = {}
+    if names:
+        if audiences is None:
+            raise ConfigError(f"{namesSource} needs TOK_ISS_ALLOWED_AUDIENCES: one key variable per audience, in order")
+        if len(names) != len(audienceOrder):
+            raise ConfigError(
+                f"{namesSource} names {len(names)} variable(s) but TOK_ISS_ALLOWED_AUDIENCES has "
+                f"{len(audienceOrder)} audience(s); give one key variable per audience, in the same order"
+            )
+        for name, audience in zip(names, audienceOrder, strict=True):
+            if name not in environ:
+                raise ConfigError(f"{namesSource} names {name}, which is not set (the key for {audience!r})")
+            audienceKeys[audience] = environ[name].encode("utf-8")
+    try:
+        if hmacKey:
+            signingKeyFrom(algorithm, hmacKey, keyId, where=hmacSource)
+        for name, material in zip(names, audienceKeys.values(), strict=True):
+            signingKeyFrom(algorithm, material, None, where=name)
+    except SignerKeyError as error:
+        raise ConfigError(str(error)) from None
+    if not hmacKey and not audienceKeys:
+        raise ConfigError("no signing key: set TOK_ISS_HMAC_SECRET or give --hmac-secret-file")
+
+    bindToken = bool(options.get("bind-token")) or _truthy(environ.get("TOK_ISS_BIND_TOKEN"))
+    retiredText, _ = _raw(options, environ, "retired-keys")
+    retired = tuple((retiredText or "").split())
+    if retired and algorithm.startswith("HS"):
+        raise ConfigError("retired keys are published as public keys; they need an ES256, ES384 or EdDSA token type")
+    return algorithm, keyId, audienceKeys, bindToken, retired
 
 
 def _ttl(text: str, source: str) -> int:
@@ -291,7 +378,8 @@ def resolveSettings(options: Mapping[str, object], environ: Mapping[str, str] | 
         cert, key, clientCA = files.serverCert, files.serverKey, files.caCert
         hmacKey, hmacSource, hmacFile = readHmacKeyFile(files.hmacKey), f"file {files.hmacKey!r}", files.hmacKey
     else:
-        hmacKey, hmacSource, hmacFile = _hmacKey(options, environ)
+        envSecrets, _ = _raw(options, environ, "env-secrets")
+        hmacKey, hmacSource, hmacFile = _hmacKey(options, environ, required=not (envSecrets or "").split())
     assert cert is not None and key is not None and clientCA is not None
 
     issuer, issuerSource = _raw(options, environ, "issuer")
@@ -301,6 +389,9 @@ def resolveSettings(options: Mapping[str, object], environ: Mapping[str, str] | 
     audiencesText, _ = _raw(options, environ, "audiences")
     audienceList = audiencesText.split() if audiencesText else []
     audiences = frozenset(audienceList) if audienceList else None
+    algorithm, keyId, audienceKeys, bindToken, retiredKeys = _signingSettings(
+        options, environ, (hmacKey, hmacSource), audiences, audienceList
+    )
 
     originsText, originsSource = _raw(options, environ, "origins")
     originList = originsText.split() if originsText else []
@@ -358,6 +449,11 @@ def resolveSettings(options: Mapping[str, object], environ: Mapping[str, str] | 
         drainSeconds=drainSeconds,
         reloadInterval=reloadInterval,
         subjectFrom=subjectFrom,
+        algorithm=algorithm,
+        keyId=keyId,
+        audienceKeyMaterial=audienceKeys,
+        bindToken=bindToken,
+        retiredKeyFiles=retiredKeys,
         handshakeTimeout=handshakeTimeout,
         requestTimeout=requestTimeout,
         idleTimeout=idleTimeout,

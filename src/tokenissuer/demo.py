@@ -221,10 +221,15 @@ certificate. It shows the token it gets, or why it got none.</p>
   }
 
   function describeCall(url, audience) {
-    const options = JSON.stringify(fetchOptions(audience), null, 2).replace(/^/gm, "  ").trimStart();
-    document.getElementById("call").textContent =
-      "const response = await fetch(" + JSON.stringify(url) + ", " + options + ");\\n" +
-      "const answer = await response.json();  // {token, expires_in} or {error, message}";
+    document.getElementById("call").textContent = [
+      "const response = await fetch(" + JSON.stringify(url) + ", {",
+      '  method: "post",',
+      '  credentials: "include",  // without it, Firefox sends no client certificate',
+      '  headers: {"Content-Type": "application/json", "Accept": "application/json"},',
+      "  body: JSON.stringify({audience: " + JSON.stringify(audience) + "}),",
+      "});",
+      "const answer = await response.json();  // {token, expires_in} or {error, message}",
+    ].join("\\n");
   }
 
   function decodePart(part) {

@@ -12,10 +12,11 @@ import os
 import shlex
 import signal
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredList
@@ -28,7 +29,7 @@ from tokenissuer.config import ConfigError, Settings, devDirFrom, readHmacKeyFil
 from tokenissuer.metrics import IssuerMetrics
 from tokenissuer.pemfiles import PemError, ServerIdentity, loadClientCAs, loadCRLs, loadServerIdentity, readFile
 from tokenissuer.policy import ClientPolicy, PolicyError, loadPolicyFile
-from tokenissuer.signer import HmacTokenSigner, SignerKeyError
+from tokenissuer.signer import SignerKeyError, SigningKey, TokenSigner, jwkThumbprint, publicJwk, signingKeyFrom
 from tokenissuer.tls import IssuerTLSFactory, ServerConnectionCreator, buildServerContext
 from tokenissuer.web import IssuePolicy, IssueResource, IssuerSite, buildResourceTree
 
@@ -57,6 +58,9 @@ class Material:
     identity: ServerIdentity
     context: SSL.Context
     hmacKey: bytes
+    signingKey: SigningKey | None = None
+    audienceKeys: dict[str, SigningKey] = field(default_factory=dict)
+    retiredJwks: tuple[dict[str, str], ...] = ()
     clientPolicy: ClientPolicy | None = None
     crls: tuple[x509.CertificateRevocationList, ...] = ()
 
@@ -82,18 +86,48 @@ def loadMaterial(settings: Settings) -> Material:
     except Exception as error:  # OpenSSL refuses what cryptography accepted
         raise MaterialError(f"the TLS context cannot be built: {error}") from None
     hmacKey = settings.hmacKey
-    if settings.hmacKeyFile is not None:
-        try:
+    try:
+        if settings.hmacKeyFile is not None:
             hmacKey = readHmacKeyFile(settings.hmacKeyFile)
-            HmacTokenSigner._checkedKey(hmacKey)
-        except (ConfigError, SignerKeyError) as error:
-            raise MaterialError(str(error)) from None
-    return Material(identity=identity, context=context, hmacKey=hmacKey, clientPolicy=clientPolicy, crls=tuple(crls))
+        where = f"file {settings.hmacKeyFile!r}" if settings.hmacKeyFile else settings.hmacKeySource
+        signingKey = signingKeyFrom(settings.algorithm, hmacKey, settings.keyId, where) if hmacKey else None
+        audienceKeys = {
+            audience: signingKeyFrom(settings.algorithm, material, None, f"the key for {audience!r}")
+            for audience, material in settings.audienceKeyMaterial.items()
+        }
+        retired = tuple(_retiredJwk(path, settings.algorithm) for path in settings.retiredKeyFiles)
+    except (ConfigError, SignerKeyError, PemError) as error:
+        raise MaterialError(str(error)) from None
+    return Material(
+        identity=identity,
+        context=context,
+        hmacKey=hmacKey,
+        signingKey=signingKey,
+        audienceKeys=audienceKeys,
+        retiredJwks=retired,
+        clientPolicy=clientPolicy,
+        crls=tuple(crls),
+    )
+
+
+def _retiredJwk(path: str, algorithm: str) -> dict[str, str]:
+    """The public JWK of a retired key file (a PEM public or private key), kid from its thumbprint."""
+    data = readFile(path, "retired key")
+    try:
+        key: Any = serialization.load_pem_public_key(data)
+    except ValueError:
+        try:
+            key = serialization.load_pem_private_key(data, password=None).public_key()
+        except Exception:
+            raise PemError(f"retired key file {path!r} holds no PEM public or private key") from None
+    jwk = publicJwk(key, algorithm)
+    jwk["kid"] = jwkThumbprint(jwk)
+    return jwk
 
 
 def materialFingerprint(settings: Settings) -> bytes:
     """The current bytes of every watched file (cheap: a few small files), to detect changes."""
-    paths = [settings.cert, settings.key, settings.clientCA, *settings.crlFiles]
+    paths = [settings.cert, settings.key, settings.clientCA, *settings.crlFiles, *settings.retiredKeyFiles]
     if settings.policyFile is not None:
         paths.append(settings.policyFile)
     if settings.hmacKeyFile is not None:
@@ -130,7 +164,8 @@ class IssuerService(service.Service):
         self.metrics = IssuerMetrics()
         self.material = material
         self.metrics.serverCertificateInUse(material.identity.leaf.not_valid_after_utc.timestamp())
-        self.signer = HmacTokenSigner(material.hmacKey, settings.issuer, settings.ttl)
+        self.signer = TokenSigner(material.signingKey, settings.issuer, settings.ttl, material.audienceKeys)
+        self.signer.publishRetired(list(material.retiredJwks))
         self.creator = ServerConnectionCreator(material.context)
         self.policy = IssuePolicy(
             signer=self.signer,
@@ -138,6 +173,7 @@ class IssuerService(service.Service):
             audiences=settings.audiences,
             metrics=self.metrics,
             subjectFrom=settings.subjectFrom,
+            bindToken=settings.bindToken,
             clientPolicy=material.clientPolicy,
         )
         self._noteCRLs(material)
@@ -191,16 +227,23 @@ class IssuerService(service.Service):
         self.creator.context = material.context
         self.policy.clientPolicy = material.clientPolicy
         self._noteCRLs(material)
-        keyChanged = self.signer.replaceKey(material.hmacKey)
+        keyChanged = self.signer.replaceKeys(material.signingKey, material.audienceKeys)
+        self.signer.publishRetired(list(material.retiredJwks))
         self.material = material
         self.metrics.serverCertificateInUse(material.identity.leaf.not_valid_after_utc.timestamp())
         self.metrics.reloaded(True)
         log.info(
-            "reloaded: server certificate {certificate}; HMAC key {keyState}",
+            "reloaded: server certificate {certificate}; signing key {keyState}",
             certificate=material.identity.describe(),
             keyState="changed" if keyChanged else "unchanged",
         )
         return True
+
+    def _jwks(self) -> dict[str, Any] | None:
+        """The JWKS for consumers of asymmetric tokens (None for HMAC: nothing public to publish)."""
+        if self.signer.algorithm.startswith("HS"):
+            return None
+        return self.signer.jwks()
 
     def _noteCRLs(self, material: Material) -> None:
         """Publish the earliest CRL next-update time; warn about expired CRLs (they fail closed by default)."""
@@ -233,7 +276,7 @@ class IssuerService(service.Service):
             raise StartupError(f"cannot listen on {self.settings.listen}: {failures[0].getErrorMessage()}")
         if self.settings.adminListen is not None:
             adminEndpoint = serverFromString(self.reactor, self.settings.adminListen)
-            adminEndpoint.listen(buildAdminSite(self.metrics, self.readiness)).addCallbacks(
+            adminEndpoint.listen(buildAdminSite(self.metrics, self.readiness, jwks=self._jwks)).addCallbacks(
                 self._adminListening, failures.append
             )
             if failures:

@@ -9,6 +9,7 @@ logged once with its reason. Tokens and keys are never logged.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -16,13 +17,14 @@ from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
 from twisted.logger import Logger
 from twisted.web import http, resource, server
 
 from tokenissuer.cors import CorsPolicy
 from tokenissuer.metrics import IssuerMetrics
 from tokenissuer.policy import ClientPolicy, PolicyRefusal, describeSubjectSource, subjectOf
-from tokenissuer.signer import HmacTokenSigner
+from tokenissuer.signer import TokenSigner
 from tokenissuer.tls import ClientIdentity, clientIdentityOf
 
 #: The largest request body read; anything longer is answered 413 without being kept.
@@ -57,12 +59,14 @@ class ApiError(Exception):
 class IssuePolicy:
     """What the issue endpoint needs to decide and mint, without any HTTP in it (reload swaps clientPolicy)."""
 
-    signer: HmacTokenSigner
+    signer: TokenSigner
     cors: CorsPolicy
     audiences: frozenset[str] | None  # None: any non-empty audience
     metrics: IssuerMetrics | None = None
     subjectFrom: str = "cn"
     clientPolicy: ClientPolicy | None = None
+    #: Bind tokens to the client certificate (RFC 8705 cnf claim).
+    bindToken: bool = False
 
 
 def _rejectConstant(name: str) -> Any:
@@ -447,7 +451,11 @@ class IssueResource(resource.Resource):
                 flags = clientPolicy.decide(subject, audience)
             except PolicyRefusal as refusal:
                 raise ApiError(403, refusal.code, refusal.message) from None
-        minted = self.policy.signer.mint(subject=subject, audience=audience, flags=flags)
+        thumbprint = None
+        if self.policy.bindToken:
+            der = identity.certificate.public_bytes(serialization.Encoding.DER)
+            thumbprint = hashlib.sha256(der).digest()
+        minted = self.policy.signer.mint(subject=subject, audience=audience, flags=flags, certificateSHA256=thumbprint)
         if self.policy.metrics is not None:
             self.policy.metrics.issued(audience, listed=allowed is not None)
         log.info(
