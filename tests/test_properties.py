@@ -91,6 +91,8 @@ def patternAllows(pattern: str, origin: str) -> bool:
     if parts is None:
         return False
     scheme, host, port = parts
+    if not 0 < port < 65536:
+        return False
     wildcard = pattern.endswith(":*")
     patternParts = strictOriginParts(pattern[:-2] if wildcard else pattern)
     assert patternParts is not None, pattern
@@ -307,23 +309,21 @@ class ParseIssueBodyProperties(SynchronousTestCase):
     @STABLE
     @given(st.sampled_from(["NaN", "Infinity", "-Infinity"]), st.sampled_from(["audience", "algorithm", "other"]))
     def test_nonStandardConstantsAreRefused(self, constant: str, key: str) -> None:
-        body = '{"audience": "gschmarri", "%s": %s}' % (key, constant) if key != "audience" else None
-        body = body or '{"audience": %s}' % constant
-        self.assertRefused(body.encode("ascii"))
+        document = {"audience": "gschmarri", key: "CONSTANT"}
+        body = json.dumps(document).replace('"CONSTANT"', constant).encode("ascii")
+        self.assertRefused(body)
 
     @FEW
     @given(st.integers(1, 4000), st.sampled_from(["[", '{"a":']))
+    @example(100_000 // 4, "[")
     def test_deepNestingIsRefusedNotCrashing(self, depth: int, opener: str) -> None:
         closer = "]" if opener == "[" else "}"
         body = ('{"audience": ' + opener * depth + "1" + closer * depth + "}").encode("ascii")
-        self.assertEqual(self.assertRefused(body).code, "audience_not_string" if depth < 900 else self.code(body))
-
-    def code(self, body: bytes) -> str:
-        try:
-            parseIssueBody(body, ALGORITHM)
-        except ApiError as error:
-            return error.code
-        return "accepted"
+        code = self.assertRefused(body).code
+        # Shallow nesting is parsed (and is no string); deep nesting hits the recursion limit.
+        self.assertIn(code, {"audience_not_string", "malformed_json"})
+        if depth < 500:
+            self.assertEqual(code, "audience_not_string")
 
     @FEW
     @given(st.integers(1, 5000))
@@ -433,7 +433,7 @@ class PolicyProperties(SynchronousTestCase):
         self.assertTrue(isinstance(result, int) or result in ("subject_not_allowed", "audience_not_allowed"))
 
     @STABLE
-    @given(st.lists(grants, min_size=2, max_size=4), subjects, st.booleans())
+    @given(st.lists(grants, min_size=2, max_size=4), st.text(alphabet=subjectAlphabet, max_size=8), st.booleans())
     def test_earlierMatchingEntryShadowsLaterOnes(self, entries: list[Any], subject: str, withDefault: bool) -> None:
         document: dict[str, Any] = {"clients": [{"subject": subject or "*", **grant} for grant in entries]}
         if withDefault:

@@ -251,3 +251,71 @@ class DevFolderTests(SynchronousTestCase):
             makeService({"dev": True, "dev-dir": folder, "listen": "tcp:0"}, {})
         self.assertIn("incomplete (missing hmac.key)", str(raised.exception))
         self.assertEqual(open(files.caCert, "rb").read(), before)
+
+
+class JsonLogTests(TestCase):
+    """--log-format json: every line of the log is one JSON object, with stable event names."""
+
+    timeout = 120
+
+    async def test_auditEventsAsJsonLines(self) -> None:
+        import json
+
+        pki = TestPKI(os.path.abspath(self.mktemp()))
+        process = subprocess.Popen(
+            [
+                *TWISTD,
+                "-n",
+                "--pidfile=",
+                "tokenissuer",
+                "--listen",
+                "tcp:0:interface=127.0.0.1",
+                "--admin-listen",
+                "off",
+                "--log-format",
+                "json",
+                "--cert",
+                pki.path("server.crt"),
+                "--key",
+                pki.path("server.pem"),
+                "--client-ca",
+                pki.path("ca.pem"),
+                "--audiences",
+                "gschmarri",
+            ],
+            env=_cleanEnviron(TOK_ISS_HMAC_SECRET=TEST_HMAC_KEY),
+            cwd=pki.folder,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        output = await deferToThread(_readUntil, process, "tokenissuer ready", 60)
+        port = int(re.search(r"\(port (\d+)\)", output).group(1))  # type: ignore[union-attr]
+        certFile, keyFile = pki.clientFiles(pki.client, "good")
+        good = Client(port, pki.path("ca.pem"), certFile, keyFile)
+        token = (await deferToThread(good.call)).json()["token"]
+        self.assertEqual((await deferToThread(good.call, body=b'{"audience": "other"}')).status, 403)
+        untrustedCert, untrustedKey = pki.clientFiles(pki.untrusted, "bad")
+        try:
+            await deferToThread(Client(port, pki.path("ca.pem"), untrustedCert, untrustedKey).call)
+        except Exception:  # noqa: BLE001 - the handshake is meant to fail
+            pass
+        process.send_signal(signal.SIGTERM)
+        rest, _ = await deferToThread(process.communicate, None, 30)
+        lines = [line for line in (output + rest).splitlines() if line.strip()]
+        records = [json.loads(line) for line in lines]  # every line parses
+        byEvent: dict[str, list[dict[str, Any]]] = {}
+        for record in records:
+            self.assertIn("time", record)
+            self.assertIn("level", record)
+            byEvent.setdefault(record["event"], []).append(record)
+        [issued] = byEvent["issued"]
+        self.assertEqual((issued["sub"], issued["aud"]), ("Martin2", "gschmarri"))
+        self.assertTrue(issued["jti"])
+        self.assertEqual([r["reason"] for r in byEvent["refused"]], ["audience_not_allowed"])
+        self.assertEqual(byEvent["handshake_failure"][0]["reason"], "issuer not trusted")
+        text = output + rest
+        self.assertNotIn(token, text)
+        self.assertNotIn(TEST_HMAC_KEY, text)
+        self.assertEqual(process.returncode, 0)

@@ -108,6 +108,7 @@ OPTIONS = (
     Option(
         "max-connections", "TOK_ISS_MAX_CONNECTIONS", "1024", "open TLS connections at most; more are closed at once"
     ),
+    Option("log-format", "TOK_ISS_LOG_FORMAT", "text", "text, or json: one JSON object per line for log collectors"),
     Option("type", "TOK_ISS_TYPE", "HS256", "signing algorithm: HS256, HS384, HS512, ES256, ES384 or EdDSA"),
     Option("key-id", "TOK_ISS_KEY_ID", None, "kid in every token header (default: derived from the key)"),
     Option(
@@ -209,6 +210,7 @@ class Settings:
     drainSeconds: float = 10.0
     reloadInterval: float = 2.0
     subjectFrom: str = "cn"
+    logFormat: str = "text"
     algorithm: str = "HS256"
     keyId: str | None = None
     audienceKeyMaterial: dict[str, bytes] = field(default_factory=dict, repr=False)
@@ -277,6 +279,16 @@ def _hmacKey(
     else:
         raise ConfigError("no signing key: set TOK_ISS_HMAC_SECRET or give --hmac-secret-file")
     return key, where, path
+
+
+def _logFormat(options: Mapping[str, object], environ: Mapping[str, str]) -> str:
+    from tokenissuer.audit import LOG_FORMATS
+
+    text, source = _raw(options, environ, "log-format")
+    value = (text or "").strip().lower()
+    if value not in LOG_FORMATS:
+        raise ConfigError(f"log format {text!r} from {source} must be one of: {', '.join(LOG_FORMATS)}")
+    return value
 
 
 def _truthy(text: str | None) -> bool:
@@ -449,6 +461,7 @@ def resolveSettings(options: Mapping[str, object], environ: Mapping[str, str] | 
         drainSeconds=drainSeconds,
         reloadInterval=reloadInterval,
         subjectFrom=subjectFrom,
+        logFormat=_logFormat(options, environ),
         algorithm=algorithm,
         keyId=keyId,
         audienceKeyMaterial=audienceKeys,

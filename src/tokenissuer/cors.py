@@ -49,7 +49,7 @@ def _split(origin: str, allowWildcardPort: bool) -> tuple[str, str, str | None]:
     """Split an origin into scheme, host and explicit non-default port, or raise."""
     if origin != origin.strip() or not origin:
         raise OriginError(f"{origin!r} is not an origin")
-    match = re.fullmatch(r"(https?)://([^/:?#@\s]+|\[[0-9A-Fa-f:.]+\])(?::(\d{1,5}|\*))?", origin)
+    match = re.fullmatch(r"(https?)://([^/:?#@\s]+|\[[0-9A-Fa-f:.]+\])(?::([0-9]{1,5}|\*))?", origin, re.ASCII)
     if match is None:
         raise OriginError(
             f"{origin!r} is not an origin: write scheme://host[:port] with http or https, no path and no trailing slash"

@@ -116,7 +116,7 @@ class ClientPolicy:
 
 
 def _grant(value: Any, where: str) -> Grant:
-    if not isinstance(value, dict):
+    if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
         raise PolicyError(f"{where} must be an object with audiences and flags")
     unknown = set(value) - {"subject", "audiences", "flags"}
     if unknown:
@@ -132,7 +132,7 @@ def _grant(value: Any, where: str) -> Grant:
 
 def parsePolicy(document: Any) -> ClientPolicy:
     """Check and convert a parsed policy document; L{PolicyError} names what is wrong and where."""
-    if not isinstance(document, dict):
+    if not isinstance(document, dict) or not all(isinstance(key, str) for key in document):
         raise PolicyError('the policy must be an object like {"clients": [...], "default": {...}}')
     unknown = set(document) - {"clients", "default"}
     if unknown:

@@ -222,7 +222,12 @@ class IssuerService(service.Service):
             material = loadMaterial(self.settings)
         except MaterialError as error:
             self.metrics.reloaded(False)
-            log.error("reload failed, still serving the previous material: {error}", error=str(error))
+            log.error(
+                "reload failed, still serving the previous material: {error}",
+                error=str(error),
+                event="reload",
+                outcome="failure",
+            )
             return False
         self.creator.context = material.context
         self.policy.clientPolicy = material.clientPolicy
@@ -234,10 +239,27 @@ class IssuerService(service.Service):
         self.metrics.reloaded(True)
         log.info(
             "reloaded: server certificate {certificate}; signing key {keyState}",
+            event="reload",
+            outcome="success",
             certificate=material.identity.describe(),
             keyState="changed" if keyChanged else "unchanged",
         )
         return True
+
+    def setServiceParent(self, parent: Any) -> None:
+        """
+        twistd hands us its Application here: with --log-format json, give it a
+        JSON log observer, which twistd then uses instead of its text log.
+        """
+        if self.settings.logFormat == "json" and hasattr(parent, "setComponent"):
+            import sys
+
+            from twisted.logger import ILogObserver
+
+            from tokenissuer.audit import jsonLineObserver
+
+            parent.setComponent(ILogObserver, jsonLineObserver(sys.stdout))
+        super().setServiceParent(parent)
 
     def _jwks(self) -> dict[str, Any] | None:
         """The JWKS for consumers of asymmetric tokens (None for HMAC: nothing public to publish)."""

@@ -112,6 +112,8 @@ def _verifyClientCertificate(
             depth=depth,
             reason=describeVerifyError(errno),
             peer=str(peer),
+            event="handshake_failure",
+            reason_code="client_certificate_rejected",
         )
         return False
     return True
@@ -338,6 +340,11 @@ class IssuerTLSFactory(TLSMemoryBIOFactory):
         if reason not in {"client_closed", "client_certificate_rejected"}:
             # Rejected certificates were logged with their details by the verify callback.
             peer = getattr(getattr(protocol, "transport", None), "getPeer", lambda: None)()
-            log.info("TLS handshake failed ({reason}) with {peer}", reason=reason, peer=str(peer))
+            log.info(
+                "TLS handshake failed ({reason}) with {peer}",
+                reason=reason,
+                peer=str(peer),
+                event="handshake_failure",
+            )
         if self._onHandshakeFailure is not None:
             self._onHandshakeFailure(reason)
