@@ -354,3 +354,42 @@ class RequiredClientAuthTests(TestCase):
         certFile, keyFile = self.pki.clientFiles(self.pki.client, "client")
         response = await deferToThread(Client(self.port, self.pki.path("ca.pem"), certFile, keyFile).call)
         self.assertEqual(response.status, 200)
+
+
+class SessionKeyRotationTests(TestCase):
+    """Session-ticket keys are renewed: old sessions stop resuming, new ones resume again."""
+
+    timeout = 60
+
+    async def test_rotationEndsResumptionOfOlderSessions(self) -> None:
+        pki = TestPKI(self.mktemp())
+        port, service = startIssuer(self, pki, **{"ticket-key-rotation": "0"})
+        certFile, keyFile = pki.clientFiles(pki.client, "good")
+        client = Client(port, pki.path("ca.pem"), certFile, keyFile)
+        context = client.context()
+
+        def sessionOf() -> Any:
+            connection = client.connect(context=context)
+            try:
+                client.request(connection)
+                return connection.sock.session  # type: ignore[union-attr]
+            finally:
+                connection.close()
+
+        def resumes(session: Any) -> bool:
+            connection = client.connect(session=session, context=context)
+            try:
+                self.assertEqual(client.request(connection).status, 200)
+                return connection.sock.session_reused  # type: ignore[union-attr]
+            finally:
+                connection.close()
+
+        before = await self.inThread(sessionOf)
+        self.assertTrue(await self.inThread(resumes, before))
+        service.rotateSessionKeys()
+        self.assertFalse(await self.inThread(resumes, before))
+        after = await self.inThread(sessionOf)
+        self.assertTrue(await self.inThread(resumes, after))
+
+    def inThread(self, function: Callable[..., Any], *args: Any) -> Any:
+        return deferToThread(function, *args)

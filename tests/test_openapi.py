@@ -27,6 +27,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
@@ -42,7 +44,7 @@ SPEC: dict[str, Any] = yaml.safe_load(SPEC_BYTES)
 #: Reusable responses (not tied to one operation) and the status each one is for.
 COMPONENT_STATUS = {"NotFound": 404, "MethodNotAllowed": 405, "AdminNotFound": 404, "AdminMethodNotAllowed": 405}
 
-#: All the response-conformance checks, plus "no 5xx" and the method checks.
+#: "No 5xx", every response-conformance check, the method checks, and: bad input refused, good input accepted.
 SCHEMATHESIS_CHECKS = ",".join(
     [
         "not_a_server_error",
@@ -52,6 +54,9 @@ SCHEMATHESIS_CHECKS = ",".join(
         "response_schema_conformance",
         "unsupported_method",
         "allow_header_conformance",
+        "negative_data_rejection",
+        "positive_data_acceptance",
+        "missing_required_header",
     ]
 )
 MAX_EXAMPLES = 50
@@ -144,6 +149,17 @@ class SpecDocumentTests(SynchronousTestCase):
             self.assertEqual(codes - allCodes, set())
         self.assertEqual(set().union(*byStatus.values()), allCodes)
 
+    def test_readmeErrorTableMatches(self) -> None:
+        """The README's table of errors and the document list the same (status, code) pairs."""
+        readme = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "README.md")
+        if not os.path.exists(readme):
+            raise SkipTest("README.md is not next to the tests")
+        with open(readme, encoding="utf-8") as handle:
+            table = set(re.findall(r"^\| (\d{3}) \| `([a-z_]+)` \|", handle.read(), re.MULTILINE))
+        self.assertGreater(len(table), 10)
+        documented = {(str(status), code) for status, codes in _codesByStatus().items() for code in codes}
+        self.assertEqual(table, documented)
+
     def test_issuePathsAreDocumentedAlike(self) -> None:
         first, second = SPEC["paths"]["/jwthmac/issue"], SPEC["paths"]["/jwt/issue"]
         for method in ("post", "options"):
@@ -224,6 +240,23 @@ class LiveServiceTests(TestCase):
         return SPEC["components"]["responses"][name]
 
     # The admin listener serves the document
+
+    async def test_jwksConforms(self) -> None:
+        """With an asymmetric algorithm the admin listener publishes keys in the documented shape."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        keyFile = self.pki.write(
+            "signing.pem",
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            ),
+        )
+        _, service = startIssuer(self, self.pki, environ={"TOK_ISS_TYPE": "ES256"}, **{"hmac-secret-file": keyFile})
+        assert service.adminPort is not None
+        adminPort = service.adminPort.getHost().port  # type: ignore[attr-defined]
+        answer = await deferToThread(_adminCall, adminPort, "GET", "/.well-known/jwks.json")
+        self.assertEqual(answer.status, 200)
+        self.assertConforms(answer, self.responseFor("/.well-known/jwks.json", "GET", 200, True), "JWKS")
+        self.assertEqual(len(json.loads(answer.body)["keys"]), 1)
 
     async def test_adminListenerServesTheDocument(self) -> None:
         answer = await deferToThread(_adminCall, self.adminPort, "GET", "/openapi.yaml")
@@ -352,11 +385,8 @@ class LiveServiceTests(TestCase):
                 }
             ).encode(),
         )
-        port, service = startIssuer(
-            self,
-            pki,
-            **{"audiences": "gschmarri dummy", "policy-file": policyFile, "request-timeout": "1"},
-        )
+        options: dict[str, Any] = {"audiences": "gschmarri dummy", "policy-file": policyFile, "request-timeout": "1"}
+        port, service = startIssuer(self, pki, **options)
         ca = pki.path("ca.pem")
         good = Client(port, ca, self.certFile, self.keyFile)
         stranger = Client(port, ca, *pki.clientFiles(devpki.issueClient(pki.ca, "Stranger"), "stranger"))

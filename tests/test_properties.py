@@ -390,7 +390,11 @@ class CorsProperties(SynchronousTestCase):
         HTTP today (header values are decoded as latin-1), but isAllowed's contract is broken.
         """
         policy = CorsPolicy.fromStrings(["http://localhost:8000", "http://127.0.0.1:*"])
-        for origin in ("http://localhost:\u0668\u0660\u0660\u0660", "http://127.0.0.1:\uff18", "http://localhost:８000"):
+        for origin in (
+            "http://localhost:\u0668\u0660\u0660\u0660",
+            "http://127.0.0.1:\uff18",
+            "http://localhost:８000",
+        ):
             with self.subTest(origin=origin):
                 self.assertFalse(policy.isAllowed(origin))
 

@@ -108,6 +108,12 @@ OPTIONS = (
     Option(
         "max-connections", "TOK_ISS_MAX_CONNECTIONS", "1024", "open TLS connections at most; more are closed at once"
     ),
+    Option(
+        "ticket-key-rotation",
+        "TOK_ISS_TICKET_KEY_ROTATION",
+        "3600",
+        "seconds between new TLS session-ticket keys (and session cache); 0 keeps them until a reload",
+    ),
     Option("log-format", "TOK_ISS_LOG_FORMAT", "text", "text, or json: one JSON object per line for log collectors"),
     Option("type", "TOK_ISS_TYPE", "HS256", "signing algorithm: HS256, HS384, HS512, ES256, ES384 or EdDSA"),
     Option("key-id", "TOK_ISS_KEY_ID", None, "kid in every token header (default: derived from the key)"),
@@ -211,6 +217,7 @@ class Settings:
     reloadInterval: float = 2.0
     subjectFrom: str = "cn"
     logFormat: str = "text"
+    ticketKeyRotation: float = 3600.0
     algorithm: str = "HS256"
     keyId: str | None = None
     audienceKeyMaterial: dict[str, bytes] = field(default_factory=dict, repr=False)
@@ -462,6 +469,7 @@ def resolveSettings(options: Mapping[str, object], environ: Mapping[str, str] | 
         reloadInterval=reloadInterval,
         subjectFrom=subjectFrom,
         logFormat=_logFormat(options, environ),
+        ticketKeyRotation=_seconds("ticket-key-rotation", options, environ, 0, 86400),
         algorithm=algorithm,
         keyId=keyId,
         audienceKeyMaterial=audienceKeys,

@@ -63,6 +63,7 @@ class Material:
     retiredJwks: tuple[dict[str, str], ...] = ()
     clientPolicy: ClientPolicy | None = None
     crls: tuple[x509.CertificateRevocationList, ...] = ()
+    clientCAs: tuple[x509.Certificate, ...] = ()
 
 
 def loadMaterial(settings: Settings) -> Material:
@@ -107,6 +108,7 @@ def loadMaterial(settings: Settings) -> Material:
         retiredJwks=retired,
         clientPolicy=clientPolicy,
         crls=tuple(crls),
+        clientCAs=tuple(clientCAs),
     )
 
 
@@ -197,6 +199,7 @@ class IssuerService(service.Service):
         self.draining = False
         self._fingerprint = materialFingerprint(settings)
         self._watcher: LoopingCall | None = None
+        self._rotator: LoopingCall | None = None
         self._previousHangup: Any = None
 
     # Readiness and reload
@@ -245,6 +248,21 @@ class IssuerService(service.Service):
             keyState="changed" if keyChanged else "unchanged",
         )
         return True
+
+    def rotateSessionKeys(self) -> None:
+        """
+        A fresh TLS context for new connections, from the material in use: new
+        session-ticket keys and an empty session cache, so a stolen ticket key
+        or session opens old sessions for one rotation period at most.
+        """
+        material = self.material
+        self.creator.context = buildServerContext(
+            material.identity,
+            list(material.clientCAs),
+            self.settings.clientAuth,
+            list(material.crls),
+            acceptExpiredCRL=self.settings.crlExpired == "accept",
+        )
 
     def setServiceParent(self, parent: Any) -> None:
         """
@@ -307,6 +325,10 @@ class IssuerService(service.Service):
                 )
         if self.settings.demoListen is not None:
             self._startDemo(serverFromString(self.reactor, self.settings.demoListen))
+        if self.settings.ticketKeyRotation > 0:
+            self._rotator = LoopingCall(self.rotateSessionKeys)
+            self._rotator.clock = self.reactor
+            self._rotator.start(self.settings.ticketKeyRotation, now=False)
         if self.settings.reloadInterval > 0:
             self._watcher = LoopingCall(self.reload)
             self._watcher.clock = self.reactor
@@ -424,6 +446,8 @@ class IssuerService(service.Service):
         self.metrics.ready.set(0)
         if self._watcher is not None and self._watcher.running:
             self._watcher.stop()
+        if self._rotator is not None and self._rotator.running:
+            self._rotator.stop()
         if self._previousHangup is not None:
             signal.signal(signal.SIGHUP, self._previousHangup)
         stopping = []

@@ -108,9 +108,8 @@ def parseIssueBody(body: bytes, algorithm: str) -> str:
         raise ApiError(400, "audience_not_string", 'The "audience" must be a JSON string.')
     if not audience:
         raise ApiError(400, "audience_empty", 'The "audience" must not be empty.')
-    if (
-        len(audience) > MAX_AUDIENCE_LENGTH
-        or any(ord(c) < 0x20 or c == "\x7f" or 0xD800 <= ord(c) <= 0xDFFF for c in audience)
+    if len(audience) > MAX_AUDIENCE_LENGTH or any(
+        ord(c) < 0x20 or c == "\x7f" or 0xD800 <= ord(c) <= 0xDFFF for c in audience
     ):
         raise ApiError(
             400,
