@@ -16,6 +16,7 @@ timeout, so the slow cases (slowloris, stalled handshakes) finish quickly.
 
 from __future__ import annotations
 
+import datetime
 import json
 import random
 import select
@@ -28,12 +29,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from tokenissuer import devpki
+
 from .support import TEST_HMAC_KEY, Client, LogCapture, TestPKI, startIssuer
+from .test_policy import makeCRL
 
 GOOD_BODY = b'{"audience": "gschmarri"}'
 #: A case's answer (or close) must arrive within this many seconds.
@@ -42,7 +47,10 @@ CASE_SECONDS = 6.0
 PARALLEL = 8
 #: status 0 stands for "the connection was closed without an HTTP answer".
 CLOSED = 0
-BARE_400 = b"HTTP/1.1 400 Bad Request\r\n\r\n"
+#: A line longer than Twisted's LineReceiver.MAX_LENGTH (16 KiB) makes Twisted call
+#: transport.loseConnection(), which over TLS does not close while HTTPChannel is
+#: registered as the producer; the request deadline then answers 408 and aborts.
+OVERLONG_LINE = (400, 408, CLOSED)
 
 
 # --- building requests ----------------------------------------------------
@@ -137,18 +145,21 @@ def requestLineCases() -> list[Case]:
         (b"NUL in path", request(path=b"/jwthmac/\x00issue")),
         (b"8-bit path", request(path=b"/jwthmac/\xffissue")),
         (b"space in path", b"POST /jwthmac/ issue HTTP/1.1\r\nHost: localhost\r\n\r\n"),
-        (b"control byte in path", request(path=b"/jwthmac/\x7fissue")),
+        (b"control byte in path", request(path=b"/jwthmac/\x7fissue"), (400, 404)),
         (b"NUL in method", request(method=b"PO\x00ST")),
         (b"parenthesis in method", request(method=b"PO(ST")),
         (b"8-bit method", request(method=b"P\xd6ST")),
         (b"request line over the header limit", request(path=b"/" + b"a" * 9000)),
-        (b"request line over the line limit", request(path=b"/" + b"a" * 20000)),
+        (b"request line over the line limit", request(path=b"/" + b"a" * 20000), OVERLONG_LINE),
         (b"empty request-target", b"POST  HTTP/1.1\r\nHost: localhost\r\n\r\n"),
         (b"TLS ClientHello inside TLS", b"\x16\x03\x01\x00\x2a" + b"\x01" * 42 + b"\r\n\r\n"),
         (b"HTTP/2 preface inside TLS", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
         (b"binary garbage inside TLS", bytes(range(256)) + b"\r\n\r\n"),
     ]
-    cases = [case("request line: " + name.decode(), data, (400, CLOSED)) for name, data in bad]
+    cases = [
+        case("request line: " + entry[0].decode(), entry[1], entry[2] if len(entry) > 2 else (400, CLOSED))
+        for entry in bad
+    ]
     return cases
 
 
@@ -197,7 +208,6 @@ def methodCases() -> list[Case]:
         case("CONNECT authority-form", b"CONNECT localhost:443 HTTP/1.1\r\nHost: localhost:443\r\n\r\n", (400, 404)),
         case("CONNECT to the issue path with a tunnel body", request(method=b"CONNECT", body=b"\x16\x03\x01"), 405),
         case("TRACE with a cookie to reflect", request(method=b"TRACE", headers=[(b"Cookie", b"s=1")]), 405),
-        case("OPTIONS *", b"OPTIONS * HTTP/1.1\r\nHost: localhost\r\n\r\n", (400, 404)),
         case(
             "preflight from a foreign origin",
             request(
@@ -256,7 +266,6 @@ def pathCases() -> list[Case]:
         b"http://localhost/jwthmac/issue",
         b"//evil.example/jwthmac/issue",
         b"jwthmac/issue",
-        b"*",
     ]
     cases = [case(f"path {path[:50]!r}", request(path=path), (400, 404)) for path in paths]
     queryBodies = [
@@ -296,12 +305,14 @@ def headerCases() -> list[Case]:
         ("100 headers", rl + b"".join(b"X-F-%d: x\r\n" % i for i in range(100)) + length + b"\r\n" + GOOD_BODY),
         ("one 10 kB header", rl + b"X-Big: " + b"y" * 10000 + b"\r\n" + length + b"\r\n" + GOOD_BODY),
         ("9 kB of headers in 50 lines", rl + b"".join(b"X-%d: %s\r\n" % (i, b"z" * 180) for i in range(50)) + length),
-        ("20 kB header line", rl + b"X-Huge: " + b"h" * 20000 + b"\r\n" + length + b"\r\n" + GOOD_BODY),
+        ("20 kB header line", rl + b"X-Huge: " + b"h" * 20000 + b"\r\n" + length + b"\r\n" + GOOD_BODY, OVERLONG_LINE),
         ("header name of 9 kB", rl + b"X" * 9000 + b": v\r\n" + length + b"\r\n" + GOOD_BODY),
         ("CR inside Origin", rl + b"Origin: http://localhost:8000\rSet-Cookie: a=b\r\n" + length + b"\r\n" + GOOD_BODY),
         ("NUL Content-Type", rl.replace(b"application/json", b"application/json\x00") + length + b"\r\n" + GOOD_BODY),
     ]
-    cases = [case("header: " + name, data, (400, CLOSED)) for name, data in malformed]
+    cases = [
+        case("header: " + entry[0], entry[1], entry[2] if len(entry) > 2 else (400, CLOSED)) for entry in malformed
+    ]
     mediaTypes = [
         b"text/plain",
         b"application/jsonx",
@@ -431,6 +442,7 @@ def framingCases() -> list[Case]:
             413,
             "body_too_large",
         ),
+        case("oversized body hiding a request", declared(5000, SMUGGLED), 413, "body_too_large"),
         case("body of 4097 bytes", request(body=b" " * 4072 + GOOD_BODY), 413, "body_too_large"),
         case("body of 64 kB", declared(65536, b"[" * 1024), 413, "body_too_large"),
         case(
@@ -531,6 +543,11 @@ def framingCases() -> list[Case]:
             "chunked evil audience with a 20 kB trailer",
             chunked(EVIL, last=b"0\r\nX-T: " + b"t" * 20000 + b"\r\n\r\n"),
             (400, 403, CLOSED),
+        ),
+        (
+            "trailers over 64 kB",
+            chunked(EVIL, last=b"0\r\n" + b"X-T: %s\r\n" % (b"t" * 1000) * 70 + b"\r\n"),
+            (400, CLOSED),
         ),
         ("chunk extension", b"14;name=value\r\n" + EVIL + b"\r\n0\r\n\r\n", (400, 403)),
         ("leading zeros", b"0000000000000014\r\n" + EVIL + b"\r\n0\r\n\r\n", (400, 403)),
@@ -635,10 +652,10 @@ def jsonCases() -> list[Case]:
             400,
             "audience_missing",
         ),
-        ("lone high surrogate", b'{"audience": "\\ud800"}', 403, "audience_not_allowed"),
-        ("lone low surrogate", b'{"audience": "\\udfff"}', 403, "audience_not_allowed"),
-        ("surrogate after a good audience", b'{"audience": "gschmarri\\ud800"}', 403, "audience_not_allowed"),
-        ("reversed surrogate pair", b'{"audience": "\\udc00\\ud800"}', 403, "audience_not_allowed"),
+        ("lone high surrogate", b'{"audience": "\\ud800"}', 400, "audience_invalid"),
+        ("lone low surrogate", b'{"audience": "\\udfff"}', 400, "audience_invalid"),
+        ("surrogate after a good audience", b'{"audience": "gschmarri\\ud800"}', 400, "audience_invalid"),
+        ("reversed surrogate pair", b'{"audience": "\\udc00\\ud800"}', 400, "audience_invalid"),
         ("audience not on the list", EVIL, 403, "audience_not_allowed"),
         ("audience in upper case", b'{"audience": "GSCHMARRI"}', 403, "audience_not_allowed"),
         ("audience with a trailing space", b'{"audience": "gschmarri "}', 403, "audience_not_allowed"),
@@ -792,6 +809,15 @@ class Target:
         self.withCertificate.load_cert_chain(certFile, keyFile)
         self.anonymous = ssl.create_default_context(cafile=pki.path("ca.pem"))
         self.good = Client(port, pki.path("ca.pem"), certFile, keyFile)
+        self._files: dict[str, tuple[str, str]] = {"client": (certFile, keyFile)}
+        self._lock = threading.Lock()
+
+    def files(self, name: str) -> tuple[str, str]:
+        """Certificate and key files of one of the test PKI's client certificates, written once."""
+        with self._lock:
+            if name not in self._files:
+                self._files[name] = self.pki.clientFiles(getattr(self.pki, name), f"hostile-{name}")
+            return self._files[name]
 
     def connect(self, transport: str) -> socket.socket:
         raw = socket.create_connection(("127.0.0.1", self.port), timeout=CASE_SECONDS)
@@ -913,8 +939,7 @@ def refusedHandshake(configure: Callable[[ssl.SSLContext], None], withClientCert
         started = time.monotonic()
         context = ssl.create_default_context(cafile=target.pki.path("ca.pem"))
         if withClientCertificate is not None:
-            issued = getattr(target.pki, withClientCertificate)
-            context.load_cert_chain(*target.pki.clientFiles(issued, f"hostile-{withClientCertificate}"))
+            context.load_cert_chain(*target.files(withClientCertificate))
         configure(context)
         raw = socket.create_connection(("127.0.0.1", port), timeout=CASE_SECONDS)
         try:
@@ -1022,6 +1047,12 @@ def slowCases() -> list[Case]:
         ),
         case("slow: request line never ends", b"POST /jwthmac/issue", 408, "request_timeout"),
         case(
+            "slow: a complete request after the 408",
+            (b"POST /jwthmac/issue HTTP/1.1\r\n", 1.5, SMUGGLED),
+            (408, CLOSED),
+            "request_timeout",
+        ),
+        case(
             "slow: pipelined second request stalls",
             request(body=EVIL) + b"POST /jwthmac/issue HTTP/1.1\r\n",
             403,
@@ -1054,7 +1085,7 @@ BATCHES: dict[str, Callable[[], list[Case]]] = {
 def problemsWith(hostile: Case, outcome: Outcome) -> list[str]:
     """Everything wrong with how the service met one hostile case (empty: fine)."""
     problems = []
-    for marker in (b"Traceback", b'File "', b"twisted.", b"Exception"):
+    for marker in (b"Traceback", b'File "', b"twisted.", b"Exception", b"TwistedWeb"):
         if marker in outcome.raw:
             problems.append(f"answer contains {marker!r}")
     if outcome.elapsed > CASE_SECONDS + 1:
@@ -1133,6 +1164,19 @@ class HostileInputTests(TestCase):
         self.assertEqual(response.status, 200, response.body)
         self.tokens.append(response.json()["token"])
 
+    async def settle(self) -> None:
+        """
+        Wait (at most 5 s) for the 2 s abort timers that a 408 leaves behind: the
+        service does not cancel them when the connection closes first, and trial
+        wants a clean reactor.
+        """
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(
+            "_requestTooSlow" in getattr(call.func, "__qualname__", "")
+            for call in reactor.getDelayedCalls()  # type: ignore[attr-defined]
+        ):
+            await deferLater(reactor, 0.1, lambda: None)
+
     async def runBatches(self, *names: str) -> None:
         await self.goodClientGetsAToken()
         total = 0
@@ -1141,11 +1185,17 @@ class HostileInputTests(TestCase):
             total += len(cases)
             started = time.monotonic()
             problems = await deferToThread(runBatch, self.target, cases)
-            self.assertEqual(problems, {}, f"batch {name!r}: {len(problems)} of {len(cases)} cases misbehaved")
+            self.assertEqual(
+                problems,
+                {},
+                f"batch {name!r}: {len(problems)} of {len(cases)} cases misbehaved:\n"
+                + "\n".join(f"  {case}: {what}" for case, what in problems.items()),
+            )
             # Let the service finish with whatever the clients left behind, then check it still serves.
             await deferLater(reactor, 0.2, lambda: None)
             await self.goodClientGetsAToken()
             self.assertLess(time.monotonic() - started, 120, name)
+        await self.settle()
         self.assertEqual(len(self.logs.issued()), len(self.tokens), "a token was minted for a hostile case")
         text = self.logs.text()
         self.assertNotIn(TEST_HMAC_KEY, text)
@@ -1194,7 +1244,90 @@ class HostileInputTests(TestCase):
         finally:
             stop.set()
             await background
-        self.assertEqual(problems, {})
+        self.assertEqual(problems, {}, "\n".join(f"  {case}: {what}" for case, what in problems.items()))
         self.assertGreater(len(served), 10)
         self.assertEqual(set(served), {200})
         await self.runBatches()
+
+
+class AsteriskTargetTests(TestCase):
+    """
+    The request-target "*" (RFC 9110's server-wide OPTIONS) is answered by Twisted
+    itself (Request._handleStar), bypassing the resource tree.
+    """
+
+    timeout = 30
+
+    async def test_answeredLikeEveryOtherPath(self) -> None:
+        """
+        BUG: "OPTIONS *" gets 200 and any other method on "*" a 405, both with an empty
+        body and "Server: TwistedWeb/<version>" (the only answers that name the
+        server software and its version), instead of the service's JSON and
+        "Server: tokenissuer".
+        """
+        pki = TestPKI(self.mktemp())
+        port, _ = startIssuer(self, pki)
+        target = Target(port, pki)
+        for method in (b"OPTIONS", b"POST", b"GET", b"TRACE"):
+            hostile = case(f"{method.decode()} *", request(method=method, path=b"*"), (200, 204, 404, 405))
+            outcome = await deferToThread(target.run, hostile)
+            [answer] = outcome.answers
+            self.assertEqual(answer.header(b"server"), b"tokenissuer", outcome.raw)
+            if method != b"OPTIONS":
+                self.assertEqual(problemsWith(hostile, outcome), [])
+
+
+class RefusalPathsTests(TestCase):
+    """Every way of being refused, on one issuer with an allow-list, a policy file and a CRL: none mints."""
+
+    timeout = 60
+
+    async def test_noRefusalMints(self) -> None:
+        pki = TestPKI(self.mktemp())
+        logs = LogCapture(self)
+        revoked = devpki.issueClient(pki.ca, "Revoked")
+        nextWeek = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=7)
+        crl = makeCRL(pki.ca, [revoked.certificate.serial_number], nextWeek)
+        crlPath = pki.write("ca.crl", crl.public_bytes(serialization.Encoding.PEM))
+        policy = {
+            "clients": [
+                {"subject": "Martin2", "audiences": ["gschmarri"], "flags": 1},
+                {"subject": "Anne", "audiences": ["dummy"], "flags": 2},
+            ]
+        }
+        policyPath = pki.write("policy.json", json.dumps(policy).encode())
+        port, _ = startIssuer(self, pki, crl=crlPath, **{"policy-file": policyPath})
+        ca = pki.path("ca.pem")
+        files = {
+            "Martin2": pki.clientFiles(pki.client, "martin"),
+            "Anne": pki.clientFiles(devpki.issueClient(pki.ca, "Anne"), "anne"),
+            "Stranger": pki.clientFiles(devpki.issueClient(pki.ca, "Stranger"), "stranger"),
+            "Revoked": pki.clientFiles(revoked, "revoked"),
+            "NoName": pki.clientFiles(pki.noCommonName, "noname"),
+        }
+
+        def ask(who: str | None, audience: str, origin: str | None = None) -> tuple[int, str]:
+            client = Client(port, ca, *(files[who] if who else (None, None)))
+            headers = {"Origin": origin} if origin else {}
+            try:
+                response = client.call(body=json.dumps({"audience": audience}).encode(), headers=headers)
+            except (ssl.SSLError, OSError):
+                return 0, "handshake refused"
+            return response.status, response.json().get("error", "token")
+
+        cases = [
+            (("Martin2", "gschmarri"), (200, "token")),
+            (("Anne", "dummy"), (200, "token")),
+            (("Revoked", "gschmarri"), (0, "handshake refused")),
+            (("Stranger", "gschmarri"), (403, "subject_not_allowed")),
+            (("Anne", "gschmarri"), (403, "audience_not_allowed")),
+            (("Martin2", "dummy"), (403, "audience_not_allowed")),
+            (("Martin2", "not-on-the-allow-list"), (403, "audience_not_allowed")),
+            (("Martin2", "gschmarri", "https://evil.example"), (403, "origin_not_allowed")),
+            ((None, "gschmarri"), (401, "client_certificate_required")),
+            (("NoName", "gschmarri"), (403, "subject_missing")),
+        ]
+        results = await deferToThread(lambda: [ask(*arguments) for arguments, _ in cases])
+        self.assertEqual(results, [expected for _, expected in cases])
+        self.assertEqual(sorted(event["sub"] for event in logs.issued()), ["Anne", "Martin2"])
+        self.assertNotIn(TEST_HMAC_KEY, logs.text())

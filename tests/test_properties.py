@@ -334,10 +334,9 @@ class ParseIssueBodyProperties(SynchronousTestCase):
 
     def test_loneSurrogateAudienceIsRefused(self) -> None:
         """
-        BUG (found by this file): a JSON escape of a lone surrogate (\\ud800) gives an
-        audience that is not valid Unicode. parseIssueBody accepts it, so an issuer
-        without an audience allow-list mints a token whose "aud" other JSON
-        decoders read differently (Go's decoder turns it into U+FFFD).
+        A JSON escape of a lone surrogate (\\ud800) gives an audience that is not
+        valid Unicode; other JSON decoders read it differently (Go's turns it into
+        U+FFFD), so it is refused. (Found by these properties; fixed in web.py.)
         """
         for text in ('"\\ud800"', '"\\udfff"', '"a\\ud800b"', '"\\udc00\\ud800"'):
             with self.subTest(audience=text):
@@ -383,11 +382,9 @@ class CorsProperties(SynchronousTestCase):
 
     def test_nonAsciiDigitsInThePortAreNotAllowed(self) -> None:
         """
-        BUG (found by this file): the port is matched with the regex \\d, which also
-        matches non-ASCII digits, so "http://localhost:\\u0668\\u0660\\u0660\\u0660"
-        (Arabic-Indic 8000) is allowed for the pattern http://localhost:8000, and then
-        responseHeaders() raises UnicodeEncodeError echoing it. Not reachable over
-        HTTP today (header values are decoded as latin-1), but isAllowed's contract is broken.
+        Ports are ASCII digits only: "http://localhost:\\u0668\\u0660\\u0660\\u0660"
+        (Arabic-Indic 8000) is not http://localhost:8000, and echoing it back would
+        not even encode. (Found by these properties: the regex \\d matched any digit.)
         """
         policy = CorsPolicy.fromStrings(["http://localhost:8000", "http://127.0.0.1:*"])
         for origin in (
@@ -478,12 +475,10 @@ class PolicyProperties(SynchronousTestCase):
 
     def test_nonStringKeysFromYamlRaisePolicyError(self) -> None:
         """
-        BUG (found by this file): YAML mappings can have non-string keys (1: 2,
-        true: x, null: y). parsePolicy then raises TypeError while building its
-        "unknown key(s)" message, instead of PolicyError. loadMaterial catches only
-        PolicyError, so a start-up shows a traceback instead of one line, and on a
-        reload the exception escapes IssuerService.reload and stops the polling
-        LoopingCall: later policy, certificate and key changes are no longer picked up.
+        YAML mappings can have non-string keys (1: 2, true: x, null: y): they are a
+        PolicyError like any other mistake. (Found by these properties: a TypeError
+        escaped, which at start-up meant a traceback instead of one line, and on a
+        reload stopped the polling loop for good.)
         """
         for yamlText in (b"1: 2\n", b"clients:\n  - subject: a\n    1: 2\n", b"default: {true: 1, a: 2}\n", b"~: 1\n"):
             with self.subTest(yaml=yamlText):

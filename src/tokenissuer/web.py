@@ -185,6 +185,7 @@ class IssuerChannel(http.HTTPChannel):
     totalHeadersSize = MAX_HEADER_BYTES
     _requestDeadline: Any = None
     _timedOut = False
+    _abortLater: Any = None
 
     def dataReceived(self, data: bytes) -> None:
         if self._timedOut:
@@ -199,6 +200,9 @@ class IssuerChannel(http.HTTPChannel):
 
     def connectionLost(self, reason: Any = None) -> None:
         self._cancelDeadline()
+        if self._abortLater is not None and self._abortLater.active():
+            self._abortLater.cancel()
+        self._abortLater = None
         super().connectionLost(reason)
 
     def _cancelDeadline(self) -> None:
@@ -230,7 +234,7 @@ class IssuerChannel(http.HTTPChannel):
         transport = self.transport
         transport.loseConnection()  # type: ignore[union-attr]
         # A slow client may not read our close either: cut it off shortly after.
-        self.callLater(2, lambda: transport.abortConnection() if transport.connected else None)  # type: ignore[attr-defined,union-attr]
+        self._abortLater = self.callLater(2, lambda: transport.abortConnection() if transport.connected else None)  # type: ignore[attr-defined,union-attr]
 
     def requestDone(self, request: Any) -> None:
         self.requestsServed += 1
@@ -409,7 +413,7 @@ class IssueResource(resource.Resource):
                 path=request.path.decode("latin-1", "replace")[:200],
                 reason=refusal.code,
                 event="refused",
-                sub=context.get("sub"),
+                sub=context.get("sub") or self._subjectForLog(request),
                 **{k: v for k, v in context.items() if k != "sub"},
             )
             if self.policy.metrics is not None:
@@ -418,6 +422,14 @@ class IssueResource(resource.Resource):
             if refusal.status == 413:
                 headers.append((b"Connection", b"close"))
             return _send(request, refusal.status, {"error": refusal.code, "message": refusal.message}, headers)
+
+    def _subjectForLog(self, request: server.Request) -> str | None:
+        """The connection's certificate subject, for refusals made before the certificate was looked at."""
+        try:
+            certificate = self._identify(request.transport).certificate  # type: ignore[attr-defined]
+            return subjectOf(certificate, self.policy.subjectFrom) if certificate is not None else None
+        except Exception:  # logging must never turn a refusal into an error
+            return None
 
     def _preflight(self, request: server.Request, origin: str | None, headers: list[tuple[bytes, bytes]]) -> bytes:
         headers.append((b"Allow", b", ".join(ISSUE_METHODS)))
