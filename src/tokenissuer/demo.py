@@ -252,13 +252,14 @@ certificate. It shows the token it gets, or why it got none.</p>
   }
 
   const CLAIM_NOTES = {
-    sub: "subject: the common name (CN) of your client certificate",
+    sub: "subject: the name from your client certificate (by default its common name, CN)",
     aud: "audience: the service this token is for",
     iss: "issuer",
     iat: "issued at",
     exp: "expires at",
     jti: "token id: the issuer's log names it, never the token",
-    flags: "flags (always 0)",
+    flags: "flags: attributes the issuer's policy gives you (0 without a policy)",
+    cnf: "confirmation: the token is bound to your client certificate (RFC 8705)",
   };
 
   function showToken(answer) {
