@@ -47,9 +47,8 @@ CASE_SECONDS = 6.0
 PARALLEL = 8
 #: status 0 stands for "the connection was closed without an HTTP answer".
 CLOSED = 0
-#: A line longer than Twisted's LineReceiver.MAX_LENGTH (16 KiB) makes Twisted call
-#: transport.loseConnection(), which over TLS does not close while HTTPChannel is
-#: registered as the producer; the request deadline then answers 408 and aborts.
+#: What a line over Twisted's LineReceiver.MAX_LENGTH (16 KiB) gets today: a 408 at
+#: the request deadline (see OverlongLineTests, which wants it refused at once).
 OVERLONG_LINE = (400, 408, CLOSED)
 
 
@@ -1165,11 +1164,7 @@ class HostileInputTests(TestCase):
         self.tokens.append(response.json()["token"])
 
     async def settle(self) -> None:
-        """
-        Wait (at most 5 s) for the 2 s abort timers that a 408 leaves behind: the
-        service does not cancel them when the connection closes first, and trial
-        wants a clean reactor.
-        """
+        """Wait (at most 5 s) for any abort timer that a 408 left behind: trial wants a clean reactor."""
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and any(
             "_requestTooSlow" in getattr(call.func, "__qualname__", "")
@@ -1248,6 +1243,33 @@ class HostileInputTests(TestCase):
         self.assertGreater(len(served), 10)
         self.assertEqual(set(served), {200})
         await self.runBatches()
+
+
+class OverlongLineTests(TestCase):
+    """A request or header line over Twisted's 16 KiB line limit."""
+
+    timeout = 30
+
+    async def test_refusedAtOnce(self) -> None:
+        """
+        BUG: LineReceiver.lineLengthExceeded calls transport.loseConnection(), which
+        over TLS does not close the connection while HTTPChannel is registered as
+        its producer: the connection stays open (TLS transport "disconnecting")
+        until the request deadline answers 408 and closes it. Like every other
+        unparseable request it should get Twisted's bare 400 and be closed at once
+        (for example IssuerChannel.lineLengthExceeded calling
+        self._respondToBadRequestAndDisconnect()).
+        """
+        pki = TestPKI(self.mktemp())
+        port, _ = startIssuer(self, pki, **{"request-timeout": "5"})
+        target = Target(port, pki)
+        for name, data in (
+            ("request line", request(path=b"/" + b"a" * 20000)),
+            ("header line", request(headers=[(b"X-Huge", b"h" * 20000)])),
+        ):
+            outcome = await deferToThread(target.run, case(name, data, (400, CLOSED)))
+            self.assertEqual(problemsWith(case(name, data, (400, CLOSED)), outcome), [], name)
+            self.assertLess(outcome.elapsed, 1.0, f"{name}: answered after {outcome.elapsed:.1f} s")
 
 
 class AsteriskTargetTests(TestCase):

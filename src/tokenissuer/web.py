@@ -158,6 +158,25 @@ class IssuerRequest(server.Request):
         if length is not None and length > MAX_BODY_BYTES:
             self.bodyTooLarge = True
 
+    def _handleStar(self) -> None:
+        """
+        The server-wide target C{*} (RFC 9110 C{OPTIONS *}): answered like our
+        other paths (C{Server: tokenissuer}, JSON errors), not by Twisted's default.
+        """
+        if self.method == b"OPTIONS":
+            body = _send(self, 204, None, [(b"Allow", b"OPTIONS, POST")])
+        else:
+            body = _send(
+                self,
+                405,
+                {"error": "method_not_allowed", "message": "Only OPTIONS applies to the request target *."},
+                [(b"Allow", b"OPTIONS")],
+            )
+        self.setHeader(b"Content-Length", b"%d" % len(body))
+        if body:
+            self.write(body)
+        self.finish()
+
     def handleContentChunk(self, data: bytes) -> None:
         if self.bodyTooLarge:
             return
@@ -186,6 +205,11 @@ class IssuerChannel(http.HTTPChannel):
     _requestDeadline: Any = None
     _timedOut = False
     _abortLater: Any = None
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # A request or header line over 16 KiB: 400 and close at once (the
+        # default only half-closes while the channel is the TLS producer).
+        self._respondToBadRequestAndDisconnect()
 
     def dataReceived(self, data: bytes) -> None:
         if self._timedOut:
@@ -232,7 +256,7 @@ class IssuerChannel(http.HTTPChannel):
         )
         self.persistent = False
         transport = self.transport
-        transport.loseConnection()  # type: ignore[union-attr]
+        self.loseConnection()  # unregisters the channel as producer, so the close really happens
         # A slow client may not read our close either: cut it off shortly after.
         self._abortLater = self.callLater(2, lambda: transport.abortConnection() if transport.connected else None)  # type: ignore[attr-defined,union-attr]
 
