@@ -8,6 +8,7 @@ Start-up problems end the process with one line on stderr and exit status 1.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import signal
@@ -140,8 +141,6 @@ def materialFingerprint(settings: Settings) -> bytes:
             parts.append(readFile(path, "watched"))
         except PemError:
             parts.append(b"\0missing\0")
-    import hashlib
-
     return hashlib.sha256(b"\0\0".join(parts)).digest()
 
 
@@ -256,13 +255,17 @@ class IssuerService(service.Service):
         or session opens old sessions for one rotation period at most.
         """
         material = self.material
-        self.creator.context = buildServerContext(
-            material.identity,
-            list(material.clientCAs),
-            self.settings.clientAuth,
-            list(material.crls),
-            acceptExpiredCRL=self.settings.crlExpired == "accept",
-        )
+        try:
+            self.creator.context = buildServerContext(
+                material.identity,
+                list(material.clientCAs),
+                self.settings.clientAuth,
+                list(material.crls),
+                acceptExpiredCRL=self.settings.crlExpired == "accept",
+            )
+        except Exception:
+            # Keep serving with the current context (and keep the rotation schedule).
+            log.failure("could not renew the TLS session keys; the current ones stay in use")
 
     def setServiceParent(self, parent: Any) -> None:
         """
