@@ -11,8 +11,14 @@ import datetime
 import http.client
 import json
 import os
+import re
+import signal
 import socket
 import ssl
+import subprocess
+import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,3 +198,91 @@ class Client:
     def close(self) -> None:
         for connection in self.connections:
             connection.close()
+
+
+#: The twistd command of the Python running the tests (an installed `twistd` script may belong to another one).
+TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+def cleanEnviron(**extra: str) -> dict[str, str]:
+    """This process's environment without any TOK_ISS_ setting of the caller's, plus C{extra}."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("TOK_ISS_")}
+    environ.update(extra)
+    return environ
+
+
+def readUntil(process: subprocess.Popen[str], marker: str, timeout: float) -> str:
+    """Read the child's output until a line contains C{marker} (or it exits / time runs out)."""
+    assert process.stdout is not None
+    deadline = time.monotonic() + timeout
+    lines = []
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if marker in line:
+            break
+    return "".join(lines)
+
+
+@dataclass
+class IssuerProcess:
+    """A `twistd -n tokenissuer` child process and its log, read continuously in a thread."""
+
+    process: subprocess.Popen[str]
+    port: int
+    lines: list[str]
+    reader: threading.Thread
+
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def terminate(self, timeout: float = 30) -> int:
+        """SIGTERM, wait for the exit and the last log line; return the exit status."""
+        self.process.send_signal(signal.SIGTERM)
+        status = self.process.wait(timeout)
+        self.reader.join(10)
+        return status
+
+
+def spawnIssuer(testCase: Any, pki: TestPKI, *arguments: str) -> IssuerProcess:
+    """
+    Start the real command on a free loopback port with the PKI's files and the
+    test key (blocking until it is ready: run it in a thread from async tests).
+    """
+    process = subprocess.Popen(
+        [
+            *TWISTD,
+            "-n",
+            "--pidfile=",
+            "tokenissuer",
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
+            "--admin-listen",
+            "off",
+            "--cert",
+            pki.path("server.crt"),
+            "--key",
+            pki.path("server.pem"),
+            "--client-ca",
+            pki.path("ca.pem"),
+            *arguments,
+        ],
+        env=cleanEnviron(TOK_ISS_HMAC_SECRET=TEST_HMAC_KEY),
+        cwd=pki.folder,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    testCase.addCleanup(lambda: process.poll() is None and process.kill())
+    output = readUntil(process, "tokenissuer ready", 60)
+    match = re.search(r"tokenissuer ready: .*\(port (\d+)\)", output)
+    assert match is not None, output
+    # Keep reading the log, or the child blocks once the pipe is full.
+    lines = [output]
+    stdout = process.stdout
+    assert stdout is not None
+    reader = threading.Thread(target=lambda: lines.extend(stdout), daemon=True)
+    reader.start()
+    return IssuerProcess(process, int(match.group(1)), lines, reader)

@@ -22,9 +22,8 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from .consumer import consumerVerify
-from .support import TEST_HMAC_KEY, Client, TestPKI
+from .support import TEST_HMAC_KEY, Client, TestPKI, cleanEnviron, readUntil
 from .test_operations import adminGet
-from .test_startup import _cleanEnviron, _readUntil
 
 try:
     import kubernetes_validate
@@ -233,7 +232,7 @@ class EntrypointTests(TestCase):
         pod = Pod(documents, secretsFor(self.pki), os.path.abspath(self.mktemp()))
         entrypoint = containerEntrypoint()
         executable = os.path.join(os.path.dirname(sys.executable), entrypoint[0])
-        environ = _cleanEnviron(**pod.environ)
+        environ = cleanEnviron(**pod.environ)
         environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + environ.get("PATH", "")
         workdir = os.path.abspath(self.mktemp())
         os.makedirs(workdir)
@@ -246,7 +245,7 @@ class EntrypointTests(TestCase):
             text=True,
         )
         self.addCleanup(lambda: process.poll() is None and process.kill())
-        output = await deferToThread(_readUntil, process, "tokenissuer ready", 60)
+        output = await deferToThread(readUntil, process, "tokenissuer ready", 60)
         self.assertIn("tokenissuer ready", output, shlex.join(entrypoint) + "\n" + output)
         self.assertNotIn(TEST_HMAC_KEY, output)
         certFile, keyFile = self.pki.clientFiles(self.pki.client, "client")

@@ -1178,7 +1178,6 @@ class HostileInputTests(TestCase):
         for name in names:
             cases = BATCHES[name]()
             total += len(cases)
-            started = time.monotonic()
             problems = await deferToThread(runBatch, self.target, cases)
             self.assertEqual(
                 problems,
@@ -1189,7 +1188,6 @@ class HostileInputTests(TestCase):
             # Let the service finish with whatever the clients left behind, then check it still serves.
             await deferLater(reactor, 0.2, lambda: None)
             await self.goodClientGetsAToken()
-            self.assertLess(time.monotonic() - started, 120, name)
         await self.settle()
         self.assertEqual(len(self.logs.issued()), len(self.tokens), "a token was minted for a hostile case")
         text = self.logs.text()
@@ -1269,7 +1267,6 @@ class OverlongLineTests(TestCase):
         ):
             outcome = await deferToThread(target.run, case(name, data, (400, CLOSED)))
             self.assertEqual(problemsWith(case(name, data, (400, CLOSED)), outcome), [], name)
-            self.assertLess(outcome.elapsed, 1.0, f"{name}: answered after {outcome.elapsed:.1f} s")
 
 
 class AsteriskTargetTests(TestCase):

@@ -6,6 +6,7 @@ the standard library's HTTPS client (in a thread) with real certificates.
 from __future__ import annotations
 
 import http.client
+import socket
 import ssl
 import struct
 from collections.abc import Callable
@@ -20,6 +21,34 @@ from .support import TEST_HMAC_KEY, Client, LogCapture, TestPKI, startIssuer
 
 HANDSHAKE_REFUSED = (ssl.SSLError, ConnectionError, http.client.RemoteDisconnected, OSError)
 ORIGIN = "http://localhost:8000"
+
+
+def callWithContext(client: Client, configure: Callable[[ssl.SSLContext], Any]) -> Any:
+    """One request on a new connection whose client context C{configure} adjusted first."""
+    context = client.context()
+    configure(context)
+    connection = client.connect(context=context)
+    try:
+        return client.request(connection)
+    finally:
+        connection.close()
+
+
+def tls12Connection(port: int, certFile: str | None = None, keyFile: str | None = None) -> tuple[Any, socket.socket]:
+    """A pyOpenSSL TLS 1.2 client connection (not yet handshaken) to the issuer, and its socket."""
+    from OpenSSL import SSL
+
+    context = SSL.Context(SSL.TLS_METHOD)
+    context.set_max_proto_version(SSL.TLS1_2_VERSION)
+    if certFile and keyFile:
+        context.use_certificate_file(certFile)
+        context.use_privatekey_file(keyFile)
+    raw = socket.create_connection(("127.0.0.1", port))
+    # pyOpenSSL needs a blocking socket; bound the wait at the OS level instead.
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 10, 0))
+    connection = SSL.Connection(context, raw)
+    connection.set_connect_state()
+    return connection, raw
 
 
 class IssuerOverTLSTests(TestCase):
@@ -225,13 +254,7 @@ class IssuerOverTLSTests(TestCase):
         client = self.client(self.pki.client, "good", maxVersion=ssl.TLSVersion.TLSv1_2)
 
         def withCiphers(ciphers: str) -> Any:
-            context = client.context()
-            context.set_ciphers(ciphers)
-            connection = client.connect(context=context)
-            try:
-                return client.request(connection)
-            finally:
-                connection.close()
+            return callWithContext(client, lambda context: context.set_ciphers(ciphers))
 
         for weak in ("ECDHE-ECDSA-AES128-SHA256", "ECDHE-ECDSA-AES256-SHA", "AES128-GCM-SHA256"):
             with self.assertRaises(HANDSHAKE_REFUSED, msg=weak):
@@ -243,13 +266,7 @@ class IssuerOverTLSTests(TestCase):
         client = self.client(self.pki.client, "good")
 
         def withCurve(curve: str) -> Any:
-            context = client.context()
-            context.set_ecdh_curve(curve)
-            connection = client.connect(context=context)
-            try:
-                return client.request(connection)
-            finally:
-                connection.close()
+            return callWithContext(client, lambda context: context.set_ecdh_curve(curve))
 
         for refused in ("secp521r1",):
             with self.assertRaises(HANDSHAKE_REFUSED, msg=refused):
@@ -260,23 +277,12 @@ class IssuerOverTLSTests(TestCase):
 
     async def test_clientRenegotiationRefused(self) -> None:
         """A TLS 1.2 client asking to renegotiate gets "no renegotiation" (pyOpenSSL as the client)."""
-        import socket
-        import struct
-
         from OpenSSL import SSL
 
         def renegotiate() -> str:
-            context = SSL.Context(SSL.TLS_METHOD)
-            context.set_max_proto_version(SSL.TLS1_2_VERSION)
-            context.use_certificate_file(self.certFile)
-            context.use_privatekey_file(self.keyFile)
-            raw = socket.create_connection(("127.0.0.1", self.port))
-            # pyOpenSSL needs a blocking socket; bound the wait at the OS level instead.
-            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 10, 0))
-            connection = SSL.Connection(context, raw)
-            connection.set_connect_state()
-            connection.do_handshake()
+            connection, raw = tls12Connection(self.port, self.certFile, self.keyFile)
             try:
+                connection.do_handshake()
                 connection.renegotiate()
                 connection.do_handshake()
             except SSL.Error as error:
@@ -289,17 +295,9 @@ class IssuerOverTLSTests(TestCase):
 
     async def test_serverSendsOnlyItsOwnChainAndNamesClientCAs(self) -> None:
         """The client CA must not leak into the server's chain; the CertificateRequest lists it."""
-        import socket
-
-        from OpenSSL import SSL
 
         def handshake() -> tuple[list[str], list[str]]:
-            context = SSL.Context(SSL.TLS_METHOD)
-            context.set_max_proto_version(SSL.TLS1_2_VERSION)
-            raw = socket.create_connection(("127.0.0.1", self.port))
-            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 10, 0))
-            connection = SSL.Connection(context, raw)
-            connection.set_connect_state()
+            connection, raw = tls12Connection(self.port)
             try:
                 connection.do_handshake()
                 chain = connection.get_peer_cert_chain(as_cryptography=True) or []

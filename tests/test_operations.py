@@ -12,7 +12,6 @@ import re
 import signal
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from typing import Any
@@ -26,8 +25,7 @@ from twisted.trial.unittest import TestCase
 from tokenissuer import devpki
 
 from .consumer import consumerVerify
-from .support import TEST_HMAC_KEY, Client, LogCapture, TestPKI, startIssuer
-from .test_startup import TWISTD, _cleanEnviron, _readUntil
+from .support import TEST_HMAC_KEY, Client, LogCapture, TestPKI, spawnIssuer, startIssuer
 
 
 def adminGet(port: int, path: str) -> tuple[int, str]:
@@ -205,14 +203,14 @@ class ReloadTests(TestCase):
         loader = deferToThread(self.load, stop, results)
         await deferLater(reactor, 0.5, lambda: None)
         renewed = devpki.issueServer(self.pki.ca)
-        swappedAt = time.monotonic()
         self.volume.update({"tls.crt": renewed.certificatePEM(), "tls.key": renewed.keyPEM()})
         newSerial = renewed.certificate.serial_number
-        while time.monotonic() - swappedAt < 6:
+        # The issue's bound: new handshakes present the new certificate within 5 seconds.
+        for _ in range(50):
             await deferLater(reactor, 0.1, lambda: None)
             if results and results[-1][1] == newSerial:
                 break
-        seenAt = time.monotonic() - swappedAt
+        seenInTime = bool(results) and results[-1][1] == newSerial
         await deferLater(reactor, 0.5, lambda: None)
         stop.set()
         await loader
@@ -221,7 +219,7 @@ class ReloadTests(TestCase):
         serials = [serial for _, serial in results]
         self.assertIn(oldSerial, serials)
         self.assertEqual(serials[-1], newSerial)
-        self.assertLess(seenAt, 5.0)
+        self.assertTrue(seenInTime, "the new certificate was not served within 5 seconds")
         # Once the new certificate appears, the old one never comes back.
         self.assertNotIn(oldSerial, serials[serials.index(newSerial) :])
         self.assertIn("reloaded: server certificate", self.logs.text())
@@ -343,13 +341,15 @@ class DrainTests(TestCase):
         self.assertEqual(service.factory.connections, set())
 
     async def test_idleKeepAliveConnectionsDoNotHoldUpShutdown(self) -> None:
+        logs = LogCapture(self)
         port, service = startIssuer(self, self.pki, **{"drain-seconds": "20"})
         client = Client(port, self.pki.path("ca.pem"), self.clientCert, self.clientKey)
         connection = await deferToThread(client.connect)
         self.assertEqual((await deferToThread(client.request, connection)).status, 200)
-        started = time.monotonic()
         await service.stopService()
-        self.assertLess(time.monotonic() - started, 3)
+        # Closed as idle by the drain, not cut off when its 20 s ran out.
+        self.assertEqual(service.factory.connections, set())
+        self.assertNotIn("drain time is up", logs.text())
         connection.close()
 
 
@@ -361,43 +361,8 @@ class SigtermTests(TestCase):
     async def test_sigtermDuringLoad(self) -> None:
         pki = TestPKI(os.path.abspath(self.mktemp()))
         certFile, keyFile = pki.clientFiles(pki.client, "good")
-        process = subprocess.Popen(
-            [
-                *TWISTD,
-                "-n",
-                "--pidfile=",
-                "tokenissuer",
-                "--listen",
-                "tcp:0:interface=127.0.0.1",
-                "--admin-listen",
-                "off",
-                "--drain-seconds",
-                "10",
-                "--cert",
-                pki.path("server.crt"),
-                "--key",
-                pki.path("server.pem"),
-                "--client-ca",
-                pki.path("ca.pem"),
-                "--audiences",
-                "gschmarri",
-            ],
-            env=_cleanEnviron(TOK_ISS_HMAC_SECRET=TEST_HMAC_KEY),
-            cwd=pki.folder,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.addCleanup(lambda: process.poll() is None and process.kill())
-        output = await deferToThread(_readUntil, process, "tokenissuer ready", 60)
-        match = re.search(r"\(port (\d+)\)", output)
-        assert match is not None, output
-        port = int(match.group(1))
-        # Keep reading the log, or the child blocks once the pipe is full.
-        logLines: list[str] = []
-        assert process.stdout is not None
-        reader = threading.Thread(target=lambda: logLines.extend(process.stdout), daemon=True)  # type: ignore[arg-type]
-        reader.start()
+        issuer = await deferToThread(spawnIssuer, self, pki, "--drain-seconds", "10", "--audiences", "gschmarri")
+        port = issuer.port
         outcomes: list[str] = []
         lock = threading.Lock()
 
@@ -438,12 +403,10 @@ class SigtermTests(TestCase):
         for thread in workers:
             thread.start()
         await deferLater(reactor, 1.5, lambda: None)
-        process.send_signal(signal.SIGTERM)
-        returnCode = await deferToThread(process.wait, 30)
+        returnCode = await deferToThread(issuer.terminate)
         for thread in workers:
             await deferToThread(thread.join, 30)
-        await deferToThread(reader.join, 10)
-        rest = "".join(logLines)
+        rest = issuer.log()
         self.assertEqual(returnCode, 0, rest[-3000:])
         self.assertIn("Server Shut Down", rest)
         failures = [o for o in outcomes if o not in ("200", "refused", "reset in accept queue")]

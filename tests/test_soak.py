@@ -16,10 +16,8 @@ import json
 import os
 import random
 import re
-import signal
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -27,9 +25,8 @@ from dataclasses import dataclass, field
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from .support import TEST_HMAC_KEY, TestPKI
+from .support import TEST_HMAC_KEY, TestPKI, spawnIssuer
 from .test_hostile import GOOD_BODY, parseAnswers, readAnswers, request
-from .test_startup import TWISTD, _cleanEnviron, _readUntil
 
 SOAK = os.environ.get("TOKENISSUER_SOAK") == "1"
 REQUESTS = int(os.environ.get("TOKENISSUER_SOAK_REQUESTS", "20000"))
@@ -179,46 +176,6 @@ class SoakTests(SynchronousTestCase):
     if not SOAK:
         skip = "the soak test runs in its own tox environment: tox -e soak (or set TOKENISSUER_SOAK=1)"
 
-    def startIssuer(self, pki: TestPKI) -> tuple[subprocess.Popen[str], int, list[str]]:
-        process = subprocess.Popen(
-            [
-                *TWISTD,
-                "-n",
-                "--pidfile=",
-                "tokenissuer",
-                "--listen",
-                "tcp:0:interface=127.0.0.1",
-                "--admin-listen",
-                "off",
-                "--cert",
-                pki.path("server.crt"),
-                "--key",
-                pki.path("server.pem"),
-                "--client-ca",
-                pki.path("ca.pem"),
-                "--audiences",
-                "gschmarri dummy",
-                "--origins",
-                ORIGIN.decode(),
-            ],
-            env=_cleanEnviron(TOK_ISS_HMAC_SECRET=TEST_HMAC_KEY),
-            cwd=pki.folder,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.addCleanup(lambda: process.poll() is None and process.kill())
-        output = _readUntil(process, "tokenissuer ready", 60)
-        match = re.search(r"\(port (\d+)\)", output)
-        assert match is not None, output
-        # Keep reading the log, or the child blocks once the pipe is full.
-        lines = [output]
-        assert process.stdout is not None
-        reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)  # type: ignore[arg-type]
-        reader.start()
-        self.addCleanup(reader.join, 10)
-        return process, int(match.group(1)), lines
-
     def phase(
         self, port: int, contexts: dict[str, ssl.SSLContext], tally: Tally, limit: int, deadline: float, number: int
     ) -> None:
@@ -241,7 +198,8 @@ class SoakTests(SynchronousTestCase):
     def test_twentyThousandMixedRequests(self) -> None:
         pki = TestPKI(os.path.abspath(self.mktemp()))
         certFile, keyFile = pki.clientFiles(pki.client, "good")
-        process, port, lines = self.startIssuer(pki)
+        issuer = spawnIssuer(self, pki, "--audiences", "gschmarri dummy", "--origins", ORIGIN.decode())
+        process, port = issuer.process, issuer.port
         client = ssl.create_default_context(cafile=pki.path("ca.pem"))
         client.load_cert_chain(certFile, keyFile)
         contexts = {"client": client, "anonymous": ssl.create_default_context(cafile=pki.path("ca.pem"))}
@@ -260,10 +218,8 @@ class SoakTests(SynchronousTestCase):
         fdsAtEnd = self.settledDescriptors(process.pid, fdsAtStart)
         rssAtEnd = processStatus(process.pid)[0]
 
-        process.send_signal(signal.SIGTERM)
-        returnCode = process.wait(30)
-        time.sleep(0.5)  # let the reader take the last lines
-        log = "".join(lines)
+        returnCode = issuer.terminate()
+        log = issuer.log()
 
         growth = (rssAtEnd - rssAfterWarmUp) / rssAfterWarmUp
         statuses = Counter(status for (_, status), count in tally.outcomes.items() for _ in range(count))

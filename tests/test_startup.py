@@ -9,8 +9,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
-import time
 from typing import Any
 
 from twisted.internet.threads import deferToThread
@@ -20,9 +18,7 @@ from tokenissuer import devpki
 from tokenissuer.service import StartupError, makeService
 
 from .consumer import consumerVerify
-from .support import TEST_HMAC_KEY, Client, TestPKI
-
-TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+from .support import TEST_HMAC_KEY, TWISTD, Client, TestPKI, cleanEnviron, readUntil, spawnIssuer
 
 
 class StartupRefusalTests(SynchronousTestCase):
@@ -134,12 +130,6 @@ def _runTwistd(
     )
 
 
-def _cleanEnviron(**extra: str) -> dict[str, str]:
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("TOK_ISS_")}
-    environ.update(extra)
-    return environ
-
-
 class TwistdCommandTests(TestCase):
     """The real command line, in a child process, as an operator runs it."""
 
@@ -149,7 +139,7 @@ class TwistdCommandTests(TestCase):
         pki = TestPKI(self.mktemp())
         result = _runTwistd(
             ["--cert", pki.path("server.crt"), "--key", pki.path("server.pem"), "--client-ca", pki.path("ca.pem")],
-            _cleanEnviron(TOK_ISS_HMAC_SECRET="short"),
+            cleanEnviron(TOK_ISS_HMAC_SECRET="short"),
             pki.folder,
         )
         self.assertEqual(result.returncode, 1, result.stderr)
@@ -193,7 +183,7 @@ class TwistdCommandTests(TestCase):
                 "--admin-listen",
                 "off",
             ],
-            env=_cleanEnviron(),
+            env=cleanEnviron(),
             cwd=folder,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -201,7 +191,7 @@ class TwistdCommandTests(TestCase):
         )
         self.addCleanup(process.wait, 30)
         self.addCleanup(process.send_signal, signal.SIGTERM)
-        output = await deferToThread(_readUntil, process, "development mode: import", 60)
+        output = await deferToThread(readUntil, process, "development mode: import", 60)
         match = re.search(r"tokenissuer ready: .* \(port (\d+)\)", output)
         self.assertIsNotNone(match, output)
         assert match is not None
@@ -222,21 +212,6 @@ class TwistdCommandTests(TestCase):
         self.assertEqual(response.status, 200)
         self.assertEqual(response.headers["Access-Control-Allow-Origin"], "http://localhost:5173")
         consumerVerify(response.json()["token"], key, "gschmarri", "daheim_token_issuer")
-
-
-def _readUntil(process: subprocess.Popen[str], marker: str, timeout: float) -> str:
-    """Read the child's output until a line contains C{marker} (or it exits / time runs out)."""
-    assert process.stdout is not None
-    deadline = time.monotonic() + timeout
-    lines = []
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if marker in line:
-            break
-    return "".join(lines)
 
 
 class DevFolderTests(SynchronousTestCase):
@@ -262,36 +237,8 @@ class JsonLogTests(TestCase):
         import json
 
         pki = TestPKI(os.path.abspath(self.mktemp()))
-        process = subprocess.Popen(
-            [
-                *TWISTD,
-                "-n",
-                "--pidfile=",
-                "tokenissuer",
-                "--listen",
-                "tcp:0:interface=127.0.0.1",
-                "--admin-listen",
-                "off",
-                "--log-format",
-                "json",
-                "--cert",
-                pki.path("server.crt"),
-                "--key",
-                pki.path("server.pem"),
-                "--client-ca",
-                pki.path("ca.pem"),
-                "--audiences",
-                "gschmarri",
-            ],
-            env=_cleanEnviron(TOK_ISS_HMAC_SECRET=TEST_HMAC_KEY),
-            cwd=pki.folder,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        self.addCleanup(lambda: process.poll() is None and process.kill())
-        output = await deferToThread(_readUntil, process, "tokenissuer ready", 60)
-        port = int(re.search(r"\(port (\d+)\)", output).group(1))  # type: ignore[union-attr]
+        issuer = await deferToThread(spawnIssuer, self, pki, "--log-format", "json", "--audiences", "gschmarri")
+        port = issuer.port
         certFile, keyFile = pki.clientFiles(pki.client, "good")
         good = Client(port, pki.path("ca.pem"), certFile, keyFile)
         token = (await deferToThread(good.call)).json()["token"]
@@ -301,9 +248,9 @@ class JsonLogTests(TestCase):
             await deferToThread(Client(port, pki.path("ca.pem"), untrustedCert, untrustedKey).call)
         except Exception:  # noqa: BLE001 - the handshake is meant to fail
             pass
-        process.send_signal(signal.SIGTERM)
-        rest, _ = await deferToThread(process.communicate, None, 30)
-        lines = [line for line in (output + rest).splitlines() if line.strip()]
+        returnCode = await deferToThread(issuer.terminate)
+        text = issuer.log()
+        lines = [line for line in text.splitlines() if line.strip()]
         records = [json.loads(line) for line in lines]  # every line parses
         byEvent: dict[str, list[dict[str, Any]]] = {}
         for record in records:
@@ -315,7 +262,6 @@ class JsonLogTests(TestCase):
         self.assertTrue(issued["jti"])
         self.assertEqual([r["reason"] for r in byEvent["refused"]], ["audience_not_allowed"])
         self.assertEqual(byEvent["handshake_failure"][0]["reason"], "issuer not trusted")
-        text = output + rest
         self.assertNotIn(token, text)
         self.assertNotIn(TEST_HMAC_KEY, text)
-        self.assertEqual(process.returncode, 0)
+        self.assertEqual(returnCode, 0)

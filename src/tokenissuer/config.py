@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from twisted.python import usage
 
+from tokenissuer.audit import LOG_FORMATS
 from tokenissuer.cors import CorsPolicy, OriginError
 from tokenissuer.pemfiles import PemError, readFile
 from tokenissuer.tls import CLIENT_AUTH_MODES
@@ -288,13 +289,12 @@ def _hmacKey(
     return key, where, path
 
 
-def _logFormat(options: Mapping[str, object], environ: Mapping[str, str]) -> str:
-    from tokenissuer.audit import LOG_FORMATS
-
-    text, source = _raw(options, environ, "log-format")
+def _choice(name: str, options: Mapping[str, object], environ: Mapping[str, str], choices: tuple[str, ...]) -> str:
+    """An option that takes one of a few words (any case), or a one-line error naming them."""
+    text, source = _raw(options, environ, name)
     value = (text or "").strip().lower()
-    if value not in LOG_FORMATS:
-        raise ConfigError(f"log format {text!r} from {source} must be one of: {', '.join(LOG_FORMATS)}")
+    if value not in choices:
+        raise ConfigError(f"{name} {text!r} from {source} must be one of: {', '.join(choices)}")
     return value
 
 
@@ -425,12 +425,7 @@ def resolveSettings(options: Mapping[str, object], environ: Mapping[str, str] | 
     assert ttlText is not None
     ttl = _ttl(ttlText, ttlSource)
 
-    clientAuthText, clientAuthSource = _raw(options, environ, "client-auth")
-    clientAuth = (clientAuthText or "").strip().lower()
-    if clientAuth not in CLIENT_AUTH_MODES:
-        raise ConfigError(
-            f"client-auth {clientAuthText!r} from {clientAuthSource} must be one of: {', '.join(CLIENT_AUTH_MODES)}"
-        )
+    clientAuth = _choice("client-auth", options, environ, CLIENT_AUTH_MODES)
 
     adminText, adminSource = _raw(options, environ, "admin-listen")
     adminListen: str | None = (adminText or "").strip()
@@ -468,7 +463,7 @@ def resolveSettings(options: Mapping[str, object], environ: Mapping[str, str] | 
         drainSeconds=drainSeconds,
         reloadInterval=reloadInterval,
         subjectFrom=subjectFrom,
-        logFormat=_logFormat(options, environ),
+        logFormat=_choice("log-format", options, environ, LOG_FORMATS),
         ticketKeyRotation=_seconds("ticket-key-rotation", options, environ, 0, 86400),
         algorithm=algorithm,
         keyId=keyId,
@@ -510,20 +505,12 @@ def _clientPolicySettings(
     """Which name becomes sub, the policy file, the CRL files and what an expired CRL means."""
     from tokenissuer.policy import SUBJECT_SOURCES
 
-    subjectText, subjectSource = _raw(options, environ, "subject-from")
-    subjectFrom = (subjectText or "").strip().lower()
-    if subjectFrom not in SUBJECT_SOURCES:
-        raise ConfigError(
-            f"subject-from {subjectText!r} from {subjectSource} must be one of: {', '.join(SUBJECT_SOURCES)}"
-        )
+    subjectFrom = _choice("subject-from", options, environ, SUBJECT_SOURCES)
     policyText, policySource = _raw(options, environ, "policy-file")
     policyFile = policyText.strip() if policyText and policyText.strip() else None
     crlText, _ = _raw(options, environ, "crl")
     crlFiles = tuple((crlText or "").split())
-    expiredText, expiredSource = _raw(options, environ, "crl-expired")
-    crlExpired = (expiredText or "").strip().lower()
-    if crlExpired not in ("refuse", "accept"):
-        raise ConfigError(f"crl-expired {expiredText!r} from {expiredSource} must be refuse or accept")
+    crlExpired = _choice("crl-expired", options, environ, ("refuse", "accept"))
     return subjectFrom, policyFile, crlFiles, crlExpired
 
 

@@ -130,7 +130,3 @@ def loadCRLs(
             )
         crls.append(crl)
     return crls
-
-
-def crlNextUpdate(crl: x509.CertificateRevocationList) -> datetime.datetime | None:
-    return crl.next_update_utc

@@ -467,7 +467,7 @@ class IssuerService(service.Service):
                 seconds=self.settings.drainSeconds,
             )
         deadline = self.reactor.seconds() + self.settings.drainSeconds
-        drainStarted = self.factory.clock()
+        drainStarted = self.reactor.seconds()
         while self.factory.connections and self.reactor.seconds() < deadline:
             for connection in list(self.factory.connections):
                 channel = connection.wrappedProtocol
@@ -475,7 +475,7 @@ class IssuerService(service.Service):
                 served = getattr(channel, "requestsServed", 0)
                 if busy:
                     continue
-                if served or self.factory.clock() - drainStarted > _UNUSED_CONNECTION_GRACE:
+                if served or self.reactor.seconds() - drainStarted > _UNUSED_CONNECTION_GRACE:
                     # Idle keep-alive (or never used): nothing is in flight. Send
                     # close_notify and close the socket without waiting for the
                     # peer's close_notify, which an idle client may never send.

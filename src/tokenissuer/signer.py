@@ -132,7 +132,6 @@ class MintedToken:
 
     token: str
     claims: dict[str, Any]
-    kid: str = ""
 
     def __repr__(self) -> str:
         # Keep the token itself out of tracebacks and debug output.
@@ -213,7 +212,7 @@ class TokenSigner:
         if certificateSHA256 is not None:
             claims["cnf"] = {"x5t#S256": _b64url(certificateSHA256)}
         token = jwt.encode(claims, key.secret, algorithm=key.algorithm, headers={"typ": "JWT", "kid": key.kid})
-        return MintedToken(token=token, claims=claims, kid=key.kid)
+        return MintedToken(token=token, claims=claims)
 
     def replaceKeys(self, key: SigningKey | None, audienceKeys: dict[str, SigningKey] | None = None) -> bool:
         """

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
-from cryptography.x509.oid import NameOID
 from OpenSSL import SSL, crypto
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
@@ -194,16 +193,6 @@ class ClientIdentity:
 
     certificate: x509.Certificate | None
 
-    @property
-    def commonName(self) -> str | None:
-        if self.certificate is None:
-            return None
-        names = self.certificate.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        if not names:
-            return None
-        value = names[0].value
-        return value if isinstance(value, str) else value.decode("utf-8", "replace")
-
 
 _NO_CLIENT = ClientIdentity(None)
 
@@ -261,11 +250,9 @@ class IssuerTLSProtocol(TLSMemoryBIOProtocol):
 
     factory: IssuerTLSFactory
     refusal: str | None = None
-    openedAt: float = 0.0
     _handshakeTimer: Any = None
 
     def makeConnection(self, transport: Any) -> None:
-        self.openedAt = self.factory.clock()
         self.factory.connections.add(self)
         if self.factory.handshakeTimeout and self.factory.reactor is not None:
             self._handshakeTimer = self.factory.reactor.callLater(self.factory.handshakeTimeout, self._handshakeTooSlow)
@@ -277,10 +264,6 @@ class IssuerTLSProtocol(TLSMemoryBIOProtocol):
         if not self._handshakeDone:
             self.refusal = "timeout"
             self.abortConnection()
-
-    @property
-    def handshakeDone(self) -> bool:
-        return self._handshakeDone
 
     def connectionLost(self, reason: Any = None) -> None:
         if self._handshakeTimer is not None and self._handshakeTimer.active():
@@ -306,17 +289,13 @@ class IssuerTLSFactory(TLSMemoryBIOFactory):
         wrappedFactory: Any,
         *,
         onHandshakeFailure: Any = None,
-        clock: Any = None,
         reactor: Any = None,
         handshakeTimeout: float = 10.0,
         maxConnections: int = 1024,
         onConnectionRefused: Any = None,
     ) -> None:
         super().__init__(creator, False, wrappedFactory)
-        import time
-
         self.connections: set[IssuerTLSProtocol] = set()
-        self.clock = clock if clock is not None else time.monotonic
         self.reactor = reactor
         self.handshakeTimeout = handshakeTimeout
         self.maxConnections = maxConnections
