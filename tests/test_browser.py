@@ -43,6 +43,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web import resource, server
 
 from tokenissuer import devpki
+from tokenissuer.policy import subjectOf
 from tokenissuer.service import IssuerService
 from tokenissuer.tls import clientIdentityOf
 
@@ -145,7 +146,7 @@ class RequestRecorder:
                     scenario=scenario.decode() if scenario is not None else None,
                     method=request.method.decode(),
                     origin=origin.decode() if origin is not None else None,
-                    subject=identity.commonName if identity.certificate is not None else None,
+                    subject=subjectOf(identity.certificate, "cn") if identity.certificate is not None else None,
                     connection=self._connectionNumber(request.channel),
                     status=request.code,
                 )
