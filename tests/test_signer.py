@@ -11,7 +11,15 @@ import time
 import jwt
 from twisted.trial.unittest import SynchronousTestCase
 
-from tokenissuer.signer import MINIMUM_HMAC_KEY_BYTES, HmacTokenSigner, MintedToken, SignerKeyError
+from tokenissuer.signer import (
+    MINIMUM_HMAC_KEY_BYTES,
+    HmacTokenSigner,
+    MintedToken,
+    RandomJTI,
+    SignerKeyError,
+    TokenSigner,
+    signingKeyFrom,
+)
 
 KEY = b"0123456789abcdef0123456789abcdef-test-key"
 ISSUER = "test_issuer"
@@ -141,10 +149,78 @@ class ClaimsTests(SynchronousTestCase):
         self.assertTrue(first)
         self.assertNotEqual(first, second)
 
+    def test_defaultJtiIs128RandomBits(self) -> None:
+        """The default jti is 16 random bytes in unpadded base64url, unique across many tokens."""
+        signer = _signer(jti=None)
+        ids = [signer.mint(SUBJECT, AUDIENCE).claims["jti"] for _ in range(2000)]
+        self.assertEqual(len(set(ids)), len(ids))
+        for jti in ids[:50]:
+            self.assertEqual(len(_b64decode(jti)), 16)
+            self.assertNotIn("=", jti)
+
     def test_mintedClaimsMatchToken(self) -> None:
         """MintedToken.claims is what is actually inside the token."""
         minted = _signer().mint(SUBJECT, AUDIENCE)
         self.assertEqual(minted.claims, _segmentJSON(minted.token, 1))
+
+
+class RandomJTITests(SynchronousTestCase):
+    """Token ids come from the OS generator, a page at a time, never repeated."""
+
+    def test_drawsAPageAtATimeAndNeverReuses(self) -> None:
+        """Each id is the next unused 16 bytes; a new page is drawn only when one is used up."""
+        draws: list[int] = []
+        counter = iter(range(10**6))
+
+        def read(size: int) -> bytes:
+            # Each 16-byte chunk holds its own running number, so every honest id is distinct.
+            draws.append(size)
+            return b"".join(next(counter).to_bytes(16, "big") for _ in range(size // 16))
+
+        newId = RandomJTI(read=read)
+        ids = [newId() for _ in range(RandomJTI._IDS_PER_DRAW + 1)]
+        self.assertEqual(draws, [16 * RandomJTI._IDS_PER_DRAW] * 2)
+        self.assertEqual([int.from_bytes(_b64decode(jti), "big") for jti in ids], list(range(len(ids))))
+        self.assertEqual(len(set(ids)), len(ids))
+
+
+class SameBytesAsPyJWTTests(SynchronousTestCase):
+    """
+    Keys are prepared and headers encoded once per key; the tokens must stay
+    byte for byte what C{jwt.encode} makes of the same claims.
+    """
+
+    def test_hmacTokensEqualJwtEncode(self) -> None:
+        for algorithm, size in (("HS256", 32), ("HS384", 48), ("HS512", 64)):
+            key = signingKeyFrom(algorithm, bytes(range(size)), kid="k1")
+            signer = TokenSigner(key, ISSUER, 300, clock=lambda: 1000.0, newJTI=lambda: "j")
+            minted = signer.mint(SUBJECT, AUDIENCE, flags=3)
+            expected = jwt.encode(minted.claims, key.secret, algorithm=algorithm, headers={"typ": "JWT", "kid": "k1"})
+            self.assertEqual(minted.token, expected, algorithm)
+
+    def test_asymmetricTokensVerify(self) -> None:
+        """EdDSA is deterministic (equal bytes); ECDSA is not, so its tokens are verified instead."""
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+        edKey = ed25519.Ed25519PrivateKey.generate()
+        pem = edKey.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        key = signingKeyFrom("EdDSA", pem)
+        minted = TokenSigner(key, ISSUER, 300, newJTI=lambda: "j").mint(SUBJECT, AUDIENCE)
+        expected = jwt.encode(minted.claims, edKey, algorithm="EdDSA", headers={"typ": "JWT", "kid": key.kid})
+        self.assertEqual(minted.token, expected)
+        for algorithm, curve in (("ES256", ec.SECP256R1()), ("ES384", ec.SECP384R1())):
+            ecKey = ec.generate_private_key(curve)
+            pem = ecKey.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+            key = signingKeyFrom(algorithm, pem)
+            token = TokenSigner(key, ISSUER, 300).mint(SUBJECT, AUDIENCE).token
+            self.assertEqual(jwt.get_unverified_header(token), {"alg": algorithm, "kid": key.kid, "typ": "JWT"})
+            claims = jwt.decode(token, ecKey.public_key(), algorithms=[algorithm], audience=AUDIENCE)
+            self.assertEqual(claims["sub"], SUBJECT)
 
 
 class VerificationTests(SynchronousTestCase):

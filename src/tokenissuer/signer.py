@@ -12,15 +12,17 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import secrets
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
-import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from jwt.algorithms import Algorithm
+from jwt.api_jws import PyJWS
 
 #: RFC 7518 section 3.2: an HMAC key must be at least as long as the hash output.
 MINIMUM_HMAC_KEY_BYTES = 32
@@ -36,6 +38,37 @@ class SignerKeyError(ValueError):
 
 def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _jsonBytes(document: Any, sortKeys: bool = False) -> bytes:
+    return json.dumps(document, separators=(",", ":"), sort_keys=sortKeys).encode("utf-8")
+
+
+def _b64urlBytes(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+class RandomJTI:
+    """
+    Random token ids (128 bits, base64url), drawn from the operating system's
+    generator a page at a time rather than with one system call per token.
+    """
+
+    _IDS_PER_DRAW = 256
+
+    def __init__(self, bytesPerId: int = 16, read: Callable[[int], bytes] = os.urandom) -> None:
+        self._size = bytesPerId
+        self._read = read
+        self._pool = b""
+        self._offset = 0
+
+    def __call__(self) -> str:
+        if self._offset >= len(self._pool):
+            self._pool = self._read(self._size * self._IDS_PER_DRAW)
+            self._offset = 0
+        chunk = self._pool[self._offset : self._offset + self._size]
+        self._offset += self._size
+        return _b64url(chunk)
 
 
 def _intBytes(value: int, size: int) -> bytes:
@@ -91,6 +124,22 @@ class SigningKey:
         if not self.isAsymmetric:
             return None
         return publicJwk(self.secret.public_key(), self.algorithm, self.kid)
+
+    @cached_property
+    def _signing(self) -> tuple[Algorithm, Any, bytes]:
+        """
+        PyJWT's algorithm with the key prepared once, and the encoded header
+        (the same bytes C{jwt.encode} makes), instead of per token.
+        """
+        algorithm = PyJWS().get_algorithm_by_name(self.algorithm)
+        header = _jsonBytes({"alg": self.algorithm, "kid": self.kid, "typ": "JWT"}, sortKeys=True)
+        return algorithm, algorithm.prepare_key(self.secret), _b64urlBytes(header) + b"."
+
+    def sign(self, claims: dict[str, Any]) -> str:
+        """The compact JWS of C{claims} (RFC 7515), signed with this key."""
+        algorithm, preparedKey, header = self._signing
+        signingInput = header + _b64urlBytes(_jsonBytes(claims))
+        return (signingInput + b"." + _b64urlBytes(algorithm.sign(signingInput, preparedKey))).decode("ascii")
 
 
 def signingKeyFrom(algorithm: str, material: bytes, kid: str | None = None, where: str = "the key") -> SigningKey:
@@ -156,7 +205,7 @@ class TokenSigner:
         audienceKeys: dict[str, SigningKey] | None = None,
         *,
         clock: Callable[[], float] = time.time,
-        newJTI: Callable[[], str] = lambda: secrets.token_urlsafe(16),
+        newJTI: Callable[[], str] | None = None,
     ) -> None:
         if ttl <= 0:
             raise ValueError("the token lifetime must be a positive number of seconds")
@@ -165,7 +214,7 @@ class TokenSigner:
         self.issuer = issuer
         self.ttl = ttl
         self._clock = clock
-        self._newJTI = newJTI
+        self._newJTI = newJTI or RandomJTI()
         self._key = key
         self._audienceKeys = dict(audienceKeys or {})
         self._checkOneAlgorithm()
@@ -211,8 +260,7 @@ class TokenSigner:
         }
         if certificateSHA256 is not None:
             claims["cnf"] = {"x5t#S256": _b64url(certificateSHA256)}
-        token = jwt.encode(claims, key.secret, algorithm=key.algorithm, headers={"typ": "JWT", "kid": key.kid})
-        return MintedToken(token=token, claims=claims)
+        return MintedToken(token=key.sign(claims), claims=claims)
 
     def replaceKeys(self, key: SigningKey | None, audienceKeys: dict[str, SigningKey] | None = None) -> bool:
         """
@@ -265,7 +313,7 @@ class HmacTokenSigner(TokenSigner):
         issuer: str,
         ttl: int,
         clock: Callable[[], float] = time.time,
-        newJTI: Callable[[], str] = lambda: secrets.token_urlsafe(16),
+        newJTI: Callable[[], str] | None = None,
     ) -> None:
         if ttl <= 0:
             raise ValueError("the token lifetime must be a positive number of seconds")
