@@ -88,7 +88,7 @@ class LogCapture:
         return [self._format(event) for event in self.events]
 
     def issued(self) -> list[dict[str, Any]]:
-        return [event for event in self.events if str(event.get("log_format", "")).startswith("issued token")]
+        return [event for event in self.events if event.get("event") == "issued"]
 
     def text(self) -> str:
         return "\n".join(self.messages())

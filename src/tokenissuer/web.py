@@ -510,14 +510,17 @@ class IssueResource(resource.Resource):
         minted = self.policy.signer.mint(subject=subject, audience=audience, flags=flags, certificateSHA256=thumbprint)
         if self.policy.metrics is not None:
             self.policy.metrics.issued(audience, listed=allowed is not None)
+        jti, peer, origin = minted.claims["jti"], context["peer"], context["origin"]
+        # One line per token: rendered here, with the fields also kept for --log-format json.
         log.info(
-            "issued token sub={sub!r} aud={aud!r} jti={jti} peer={peer} origin={origin}",
+            "{text}",
+            text=f"issued token sub={subject!r} aud={audience!r} jti={jti} peer={peer} origin={origin}",
             event="issued",
             sub=subject,
             aud=audience,
-            jti=minted.claims["jti"],
-            peer=context["peer"],
-            origin=context["origin"],
+            jti=jti,
+            peer=peer,
+            origin=origin,
         )
         return _send(
             request,
