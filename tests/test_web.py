@@ -130,6 +130,38 @@ class IssueEndpointTests(SynchronousTestCase):
         self.assertTrue(document["message"])
         self.assertNotIn("Traceback", document["message"])
 
+    def test_eachAnswerIsOneWrite(self) -> None:
+        """
+        Status line, headers and body of an answer reach the transport in one
+        call (one TLS record), answers with a body and without, on one keep-alive connection.
+        """
+        writes: list[bytes] = []
+
+        class CountingTransport(StringTransport):
+            def write(self, data: bytes) -> None:
+                writes.append(data)
+                super().write(data)
+
+            def writeSequence(self, iovec: list[bytes]) -> None:
+                writes.append(b"".join(iovec))
+                super().write(b"".join(iovec))
+
+        site = IssuerSite(buildResourceTree(self.policy, lambda transport: self.identity), reactor=self.clock)
+        protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = CountingTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        protocol.makeConnection(transport)
+        preflight = rawRequest(
+            method="OPTIONS",
+            body=None,
+            headers={"Origin": ALLOWED_ORIGIN, "Access-Control-Request-Method": "POST"},
+        )
+        for request in (rawRequest(), preflight, rawRequest(path="/nowhere")):
+            protocol.dataReceived(request)
+        protocol.connectionLost(None)  # type: ignore[arg-type]
+        self.assertEqual([r.status for r in parseResponses(transport.value())], [200, 204, 404])
+        self.assertEqual(len(writes), 3)
+        self.assertEqual([len(parseResponses(w)) for w in writes], [1, 1, 1])
+
     # Success
 
     def test_issuesTokenForCertificateSubject(self) -> None:

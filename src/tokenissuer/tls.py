@@ -9,7 +9,8 @@ certificate, so the certificate is enforced per request by the web layer.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
@@ -192,6 +193,16 @@ class ClientIdentity:
     """The verified client certificate of one connection (or none)."""
 
     certificate: x509.Certificate | None
+    #: Subjects read from the certificate, by source (see L{subjectFor}).
+    _subjects: dict[str, str | None] = field(default_factory=dict, compare=False, repr=False)
+
+    def subjectFor(self, source: str, read: Callable[[x509.Certificate, str], str | None]) -> str | None:
+        """C{read(certificate, source)}, read once per connection and source."""
+        if self.certificate is None:
+            return None
+        if source not in self._subjects:
+            self._subjects[source] = read(self.certificate, source)
+        return self._subjects[source]
 
 
 _NO_CLIENT = ClientIdentity(None)
@@ -201,10 +212,20 @@ def clientIdentityOf(transport: Any) -> ClientIdentity:
     """
     The verified client certificate of the connection behind C{transport}.
 
-    Read per connection, at request time: a certificate can only be present if
-    the verify callback accepted it (or, for a resumed session, accepted it on
-    the original handshake): a refused certificate fails the handshake.
+    Read per connection, at its first request: a certificate can only be present
+    if the verify callback accepted it (or, for a resumed session, accepted it on
+    the original handshake): a refused certificate fails the handshake. It
+    cannot change later on the same connection (no renegotiation, no
+    post-handshake authentication), so later requests reuse it.
     """
+    if isinstance(transport, IssuerTLSProtocol):
+        if transport.clientIdentity is None:
+            transport.clientIdentity = _readClientIdentity(transport)
+        return transport.clientIdentity
+    return _readClientIdentity(transport)
+
+
+def _readClientIdentity(transport: Any) -> ClientIdentity:
     getHandle = getattr(transport, "getHandle", None)
     if getHandle is None:
         return _NO_CLIENT
@@ -250,7 +271,16 @@ class IssuerTLSProtocol(TLSMemoryBIOProtocol):
 
     factory: IssuerTLSFactory
     refusal: str | None = None
+    #: The verified client certificate, once a request asked for it (L{clientIdentityOf}).
+    clientIdentity: ClientIdentity | None = None
     _handshakeTimer: Any = None
+    _host: Any = None
+
+    def getHost(self) -> Any:
+        # Asked once per HTTP request; the local address of a connection never changes.
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
 
     def makeConnection(self, transport: Any) -> None:
         self.factory.connections.add(self)
