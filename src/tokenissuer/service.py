@@ -31,6 +31,7 @@ from tokenissuer.metrics import IssuerMetrics
 from tokenissuer.pemfiles import PemError, ServerIdentity, loadClientCAs, loadCRLs, loadServerIdentity, readFile
 from tokenissuer.policy import ClientPolicy, PolicyError, loadPolicyFile
 from tokenissuer.signer import SignerKeyError, SigningKey, TokenSigner, jwkThumbprint, publicJwk, signingKeyFrom
+from tokenissuer.sockets import sendAtOnce
 from tokenissuer.tls import IssuerTLSFactory, ServerConnectionCreator, buildServerContext
 from tokenissuer.web import IssuePolicy, IssueResource, IssuerSite, buildResourceTree
 
@@ -401,6 +402,7 @@ class IssuerService(service.Service):
         )
 
     def _listening(self, port: IListeningPort) -> None:
+        sendAtOnce(port)
         self.port = port
         settings = self.settings
         audiences = " ".join(sorted(settings.audiences)) if settings.audiences else "any"
