@@ -30,6 +30,8 @@ def _events() -> list[dict[str, Any]]:
     except ZeroDivisionError:
         log.failure("internal error while answering {path}", Failure(), path="/jwthmac/issue")
     log.emit(LogLevel.info, "")
+    log.info("{text}", text="")
+    log.info("{text}", text="first\nsecond", log_system="elsewhere")
     for index, event in enumerate(captured):
         event["log_time"] = 1764777292.25 + index * 0.5  # two events share a second, two do not
     return captured

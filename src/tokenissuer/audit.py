@@ -22,6 +22,9 @@ from twisted.logger import ILogObserver, eventAsText, formatEvent, formatTime
 from zope.interface import implementer, provider
 
 LOG_FORMATS = ("text", "json")
+#: The format of events whose message is already rendered in their C{text}
+#: field (one per issued token): the observers take it as it is.
+PRERENDERED = "{text}"
 #: Keys the legacy twisted.python.log bridge adds, which duplicate our own;
 #: C{text} is the pre-rendered message of hot events (see L{textLineObserver}).
 _SKIP = {"format", "message", "time", "system", "isError", "why", "failure", "log_trace", "text"}
@@ -54,7 +57,13 @@ class TextLineObserver:
         self._stamp = _SecondStamp(formatTime)
 
     def __call__(self, event: dict[str, Any]) -> None:
-        text = eventAsText(event, includeTimestamp=False)
+        if event.get("log_format") == PRERENDERED and "log_failure" not in event and "log_system" not in event:
+            level, message = event.get("log_level"), event.get("text")
+            if not message:
+                return
+            text = f"[{event.get('log_namespace', '-')}#{getattr(level, 'name', '-')}] {message}"
+        else:
+            text = eventAsText(event, includeTimestamp=False)
         if not text:
             return
         if "\n" in text:
@@ -82,7 +91,7 @@ def jsonLineObserver(output: IO[str]) -> Callable[[dict[str, Any]], None]:
             "level": getattr(level, "name", "info"),
             "logger": event.get("log_namespace", "-"),
             "event": event.get("event", "log"),
-            "message": formatEvent(event),
+            "message": event.get("text", "") if event.get("log_format") == PRERENDERED else formatEvent(event),
         }
         for key, value in event.items():
             if key.startswith("log_") or key in _SKIP or key in record:

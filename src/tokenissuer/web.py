@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from twisted.logger import Logger
 from twisted.web import http, resource, server
 
+from tokenissuer.audit import PRERENDERED
 from tokenissuer.cors import CorsPolicy
 from tokenissuer.metrics import IssuerMetrics
 from tokenissuer.policy import ClientPolicy, PolicyRefusal, describeSubjectSource, subjectOf
@@ -541,7 +542,7 @@ class IssueResource(resource.Resource):
         jti, peer, origin = minted.claims["jti"], context["peer"], context["origin"]
         # One line per token: rendered here, with the fields also kept for --log-format json.
         log.info(
-            "{text}",
+            PRERENDERED,
             text=f"issued token sub={subject!r} aud={audience!r} jti={jti} peer={peer} origin={origin}",
             event="issued",
             sub=subject,
