@@ -26,6 +26,12 @@ What it does:
     connection, each a blocking TLS socket that sends the same request over and
     over. Its ceiling is shown by the nginx rows: it drives nginx far above the
     issuer's rate.
+  - resumed session: a returning client, as a browser is: a new TLS connection
+    per token that resumes the previous connection's TLS session (the same
+    generator processes, Python's ssl with C{session=}); every resumption is
+    counted, and a run in which one failed says so. Python's TLS client is
+    slower than ab, so the generator core's busy share tells whether nginx's
+    figure is its own or the generator's.
 - For each key type x mode x concurrency (1, 8, 32) it runs a bounded run (a
   fixed request count and a time limit) against nginx and then the issuer,
   repeated (3 times, 1 with --quick), and reports medians of tokens/s, p50 and
@@ -34,6 +40,9 @@ What it does:
   given as a ratio to nginx's from the same run.
 - Memory: RSS of the idle issuer (and nginx), and RSS growth per 100 idle
   keep-alive TLS connections (500 connections, one request each, kept open).
+- Workers: the issuer with ``--workers 1`` and ``--workers 2`` on both cores
+  (ab stays on CPU 1), new connection per token, ECDSA key: tokens/s and CPU
+  per token of all issuer processes, as ratios to one worker.
 
 Writes benchmarks/results/results.md (markdown) and results.png (matplotlib, if
 installed), and benchmarks/results/raw.json. Needs ``ab`` (apache2-utils),
@@ -71,17 +80,33 @@ AUDIENCE = "gschmarri"
 BODY = json.dumps({"audience": AUDIENCE}).encode()
 SERVER_CPU, CLIENT_CPU = 0, 1
 CONCURRENCIES = (1, 8, 32)
-MODES = ("new connection", "keep-alive")
+MODES = ("new connection", "resumed session", "keep-alive")
 KEYS = (("ec", "ECDSA P-256"), ("rsa", "RSA-2048"))
 
 
 # --------------------------------------------------------------------------- /proc
 
 
+def childrenOf(pid: int) -> list[int]:
+    children: list[int] = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as handle:
+                children += [int(child) for child in handle.read().split()]
+    except OSError:
+        pass
+    return children
+
+
 def cpuSeconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds of a process and its living descendants (an issuer's workers)."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(cpuSeconds(child) for child in childrenOf(pid))
 
 
 def coreTimes(cpu: int) -> tuple[int, int]:
@@ -131,12 +156,12 @@ def drain(process: subprocess.Popen) -> None:  # type: ignore[type-arg]
     threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()  # type: ignore[union-attr]
 
 
-def startIssuer(files: dict[str, str]) -> tuple[subprocess.Popen, int]:  # type: ignore[type-arg]
+def startIssuer(files: dict[str, str], workers: int = 1, cpus: str = str(SERVER_CPU)) -> tuple[subprocess.Popen, int]:  # type: ignore[type-arg]
     port = freePort()
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     command = [
-        "taskset", "-c", str(SERVER_CPU),
-        twistd, "-n", "--pidfile=", "tokenissuer",
+        "taskset", "-c", cpus,
+        twistd, "-n", "--pidfile=", "tokenissuer", *(["--workers", str(workers)] if workers != 1 else []),
         "--listen", f"tcp:{port}:interface=127.0.0.1",
         "--admin-listen", "off",
         "--cert", files["server.crt"], "--key", files["server.pem"], "--client-ca", files["ca"],
@@ -307,12 +332,58 @@ def keepAliveWorker(port, files, count, timeLimit, ready, go, results):  # type:
     results.put((latencies, errors, time.monotonic()))
 
 
-def runKeepAlive(pid: int, port: int, files: dict[str, str], requests: int, concurrency: int, timeLimit: float) -> dict:  # type: ignore[type-arg]
+def resumingWorker(port, files, count, timeLimit, ready, go, results):  # type: ignore[no-untyped-def]
+    """A returning client: a new TLS connection per token, resuming the previous TLS session."""
+    latencies: list[float] = []
+    errors = resumed = 0
+    try:
+        context = clientContext(files)
+        payload = request(port, keepAlive=False)
+
+        def once(session: ssl.SSLSession | None) -> tuple[int, ssl.SSLSession | None, bool]:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with context.wrap_socket(raw, server_hostname="localhost", session=session) as sock:
+                sock.sendall(payload)
+                status, _ = readResponse(sock, bytearray())
+                return status, sock.session, sock.session_reused
+
+        _, session, _ = once(None)  # the first visit: a full handshake, outside the measurement
+        ready.put(True)
+        go.wait()
+        deadline = time.monotonic() + timeLimit
+        clock = time.perf_counter
+        for _ in range(count):
+            started = clock()
+            status, session, reused = once(session)
+            latencies.append(clock() - started)
+            resumed += reused
+            if status != 200:
+                errors += 1
+            if time.monotonic() > deadline:
+                break
+    except Exception as error:  # noqa: BLE001 - reported to the parent
+        ready.put(False)
+        errors += 1
+        print("resuming worker:", error, file=sys.stderr)
+    results.put((latencies, errors, time.monotonic(), resumed))
+
+
+def runKeepAlive(
+    pid: int,
+    port: int,
+    files: dict[str, str],
+    requests: int,
+    concurrency: int,
+    timeLimit: float,
+    worker: object = keepAliveWorker,
+) -> dict:  # type: ignore[type-arg]
+    """Run C{concurrency} generator processes (keep-alive, or resuming with C{worker=resumingWorker})."""
     fork = multiprocessing.get_context("fork")
     ready, results, go = fork.Queue(), fork.Queue(), fork.Event()
     perConnection = max(1, requests // concurrency)
     workers = [
-        fork.Process(target=keepAliveWorker, args=(port, files, perConnection, timeLimit, ready, go, results))
+        fork.Process(target=worker, args=(port, files, perConnection, timeLimit, ready, go, results))
         for _ in range(concurrency)
     ]
     for worker in workers:
@@ -323,12 +394,13 @@ def runKeepAlive(pid: int, port: int, files: dict[str, str], requests: int, conc
     started = time.monotonic()
     go.set()
     latencies: list[float] = []
-    errors, finished = 0, started
+    errors, finished, resumed = 0, started, 0
     for _ in workers:
-        part, failed, ended = results.get(timeout=timeLimit + 60)
+        part, failed, ended, *reused = results.get(timeout=timeLimit + 60)
         latencies += part
         errors += failed
         finished = max(finished, ended)
+        resumed += sum(reused)
     cpuUsed, clientBusy = cpuSeconds(pid) - cpuBefore, coreBusy(clientBefore, coreTimes(CLIENT_CPU))
     for worker in workers:
         worker.join()
@@ -344,6 +416,7 @@ def runKeepAlive(pid: int, port: int, files: dict[str, str], requests: int, conc
         "p50": 1000 * latencies[len(latencies) // 2],
         "p99": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
         "cpu_ms": 1000 * cpuUsed / max(done, 1),
+        "resumed": resumed,
     }
 
 
@@ -502,6 +575,10 @@ def main() -> None:
                                     outcome = runKeepAlive(
                                         pid, port, files, requests * 5, concurrency, options.time_limit
                                     )
+                                elif mode == "resumed session":
+                                    outcome = runKeepAlive(
+                                        pid, port, files, requests, concurrency, options.time_limit, resumingWorker
+                                    )
                                 else:
                                     outcome = runAb(pid, port, files, requests, concurrency, options.time_limit, folder)
                                 runs[name].append(outcome)
@@ -520,10 +597,41 @@ def main() -> None:
             finally:
                 stop(issuer)
                 stop(nginx)
+        results["workers"] = compareWorkers(pki["ec"], requests, options.time_limit, repeats, folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     results["seconds"] = time.monotonic() - began
     write(results, options.output, options.quick)
+
+
+def compareWorkers(files: dict[str, str], requests: int, timeLimit: float, repeats: int, folder: str) -> list[dict]:  # type: ignore[type-arg]
+    """
+    --workers 1 and 2 on both cores (ab stays on CPU 1, so the generator shares a
+    core with the second worker): new connection per token, ECDSA key.
+    """
+    rows = []
+    for workers in (1, 2):
+        issuer, port = startIssuer(files, workers=workers, cpus=f"{SERVER_CPU},{CLIENT_CPU}")
+        try:
+            fetchOnce(port, files)
+            for concurrency in (8, 32):
+                runs = []
+                for _ in range(repeats):
+                    outcome = runAb(issuer.pid, port, files, requests * 2, concurrency, timeLimit, folder)
+                    runs.append(outcome)
+                    print(
+                        f"workers={workers} new connection c={concurrency} {outcome['rate']:8.0f}/s "
+                        f"p99 {outcome['p99']:6.2f} ms cpu {outcome['cpu_ms']:.3f} ms/req errors={outcome['errors']}",
+                        flush=True,
+                    )
+                row = {"workers": workers, "concurrency": concurrency, "runs": runs}
+                for metric in ("rate", "p50", "p99", "cpu_ms"):
+                    row[metric] = median(runs, metric)
+                row["errors"] = sum(run["errors"] for run in runs)
+                rows.append(row)
+        finally:
+            stop(issuer)
+    return rows
 
 
 def write(results: dict, output: str, quick: bool) -> None:  # type: ignore[type-arg]
@@ -552,7 +660,38 @@ def write(results: dict, output: str, quick: bool) -> None:  # type: ignore[type
             f"| {row['nginx_client_busy']:.0f} / {row['issuer_client_busy']:.0f} |"
         )
     errors = sum(row["nginx_errors"] + row["issuer_errors"] for row in results["rows"])
-    lines += ["", f"Failed requests over all runs: {errors}.", ""]
+    lines += ["", f"Failed requests over all runs: {errors}."]
+    resumedRuns = [
+        run
+        for row in results["rows"]
+        if row["mode"] == "resumed session"
+        for name in row["runs"]
+        for run in row["runs"][name]
+    ]
+    if resumedRuns:
+        lines.append(
+            f"Resumed-session runs: {sum(run['resumed'] for run in resumedRuns)} of "
+            f"{sum(run['done'] + run['errors'] for run in resumedRuns)} connections resumed their TLS session."
+        )
+    lines.append("")
+    if results.get("workers"):
+        single = {row["concurrency"]: row for row in results["workers"] if row["workers"] == 1}
+        lines += [
+            "Workers (`--workers 1` and `2`, ECDSA P-256, new connection per token; the issuer may use both "
+            "cores, ab runs on CPU 1, so the second worker shares a core with the load generator). "
+            "CPU = CPU of all issuer processes per token.",
+            "",
+            "| workers | conc. | tokens/s | vs 1 worker | p50 / p99 ms | CPU ms | CPU vs 1 worker | failed |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for row in results["workers"]:
+            base = single[row["concurrency"]]
+            lines.append(
+                f"| {row['workers']} | {row['concurrency']} | {row['rate']:.0f} | {row['rate'] / base['rate']:.2f}x "
+                f"| {row['p50']:.2f} / {row['p99']:.2f} | {row['cpu_ms']:.3f} | {row['cpu_ms'] / base['cpu_ms']:.2f}x "
+                f"| {row['errors']} |"
+            )
+        lines.append("")
     lines += [
         f"Memory (RSS; growth measured with {results['idle_connections']} idle keep-alive TLS connections, "
         "one request each, kept open):",
@@ -576,10 +715,11 @@ def write(results: dict, output: str, quick: bool) -> None:  # type: ignore[type
     except ImportError:
         print("matplotlib is not installed: wrote only the table", file=sys.stderr)
         return
-    figure, axes = plt.subplots(2, 3, figsize=(16, 8))
+    figure, axes = plt.subplots(2, 4, figsize=(20, 8))
     for column, (mode, metric, label) in enumerate(
         (
             ("new connection", "rate", "tokens/s"),
+            ("resumed session", "rate", "tokens/s"),
             ("keep-alive", "rate", "tokens/s"),
             ("new connection", "cpu_ms", "server CPU ms/req"),
         )
