@@ -6,6 +6,7 @@ in order, whether the socket takes a write whole, in part, or not at all.
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 from twisted.internet import defer, protocol, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
@@ -49,6 +50,28 @@ class Receiver(protocol.Protocol):
         self.done.callback(b"".join(self.received))
 
 
+class Answerer(protocol.Protocol):
+    """Answer each request with three writes and close: all caused by one read."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.transport.write(b"head:")  # type: ignore[union-attr]
+        self.transport.writeSequence([data, b":"])  # type: ignore[union-attr]
+        self.transport.write(b"tail")  # type: ignore[union-attr]
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+class CountingServer(WriteThroughServer):
+    sends: list[bytes] = []
+
+    def _sendNow(self, data: bytes) -> int:
+        CountingServer.sends.append(bytes(data))
+        return super()._sendNow(data)
+
+    def writeSomeData(self, data: bytes) -> Any:
+        CountingServer.sends.append(bytes(data))
+        return super().writeSomeData(data)
+
+
 class WriteThroughTests(TestCase):
     timeout = 60
 
@@ -64,6 +87,27 @@ class WriteThroughTests(TestCase):
         self.assertIsInstance(factory.transports[0], WriteThroughServer)  # type: ignore[attr-defined]
         self.assertEqual(len(data), sum(len(c) for c in _chunks()))
         self.assertEqual(hashlib.sha256(data).digest(), hashlib.sha256(b"".join(_chunks())).digest())
+
+    async def test_writesOfOneReadLeaveTogether(self) -> None:
+        """
+        What one read makes the server write leaves in one send, before the
+        close, and no empty send precedes the close.
+        """
+        CountingServer.sends = []
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            protocol.Factory.forProtocol(Answerer)
+        )
+        self.addCleanup(port.stopListening)
+        port.transport = CountingServer  # type: ignore[attr-defined]
+
+        class Asker(Receiver):
+            def connectionMade(self) -> None:
+                self.transport.write(b"question")  # type: ignore[union-attr]
+
+        asker = Asker()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), asker)
+        self.assertEqual(await asker.done, b"head:question:tail")
+        self.assertEqual(CountingServer.sends, [b"head:question:tail"])
 
     def test_otherPortsUntouched(self) -> None:
         class NotTCP:
