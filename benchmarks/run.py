@@ -2,7 +2,7 @@
 The benchmark suite of issue 6: tokens per second, latency, server CPU per token
 and memory of tokenissuer, against a C ceiling measured in the same run.
 
-    python benchmarks/run.py [--quick] [--requests 2000] [--time-limit 10] [--repeats 3]
+    python benchmarks/run.py [--quick] [--requests 2000] [--time-limit 10] [--repeats 3] [--no-workers]
 
 What it does:
 
@@ -528,6 +528,7 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=10, help="seconds per run (default 10)")
     parser.add_argument("--repeats", type=int, help="repeats per configuration (default 3, --quick 1)")
     parser.add_argument("--idle-connections", type=int, default=500)
+    parser.add_argument("--no-workers", action="store_true", help="skip the --workers 1 vs 2 comparison")
     parser.add_argument("--output", default=os.path.join(HERE, "results"))
     options = parser.parse_args()
     requests = options.requests or (500 if options.quick else 2000)
@@ -597,7 +598,8 @@ def main() -> None:
             finally:
                 stop(issuer)
                 stop(nginx)
-        results["workers"] = compareWorkers(pki["ec"], requests, options.time_limit, repeats, folder)
+        if not options.no_workers:
+            results["workers"] = compareWorkers(pki["ec"], requests, options.time_limit, repeats, folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     results["seconds"] = time.monotonic() - began
