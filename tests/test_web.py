@@ -162,6 +162,24 @@ class IssueEndpointTests(SynchronousTestCase):
         self.assertEqual(len(writes), 3)
         self.assertEqual([len(parseResponses(w)) for w in writes], [1, 1, 1])
 
+    def test_everyAnswerCarriesItsHeadersOnce(self) -> None:
+        """Server, Cache-Control and nosniff on every answer, exactly once; never Twisted's own Server header."""
+        preflight = rawRequest(
+            method="OPTIONS", body=None, headers={"Origin": ALLOWED_ORIGIN, "Access-Control-Request-Method": "POST"}
+        )
+        responses, _ = self.exchange(rawRequest(), preflight, rawRequest(path="/nowhere"), rawRequest(method="GET"))
+        self.assertEqual([r.status for r in responses], [200, 204, 404, 405])
+        for response in responses:
+            self.assertEqual(response.headers["server"], ["tokenissuer"])
+            self.assertEqual(response.headers["cache-control"], ["no-store"])
+            self.assertEqual(response.headers["x-content-type-options"], ["nosniff"])
+
+    def test_tokenBodyIsWhatJsonDumpsMakes(self) -> None:
+        response = self.one(rawRequest())
+        document = response.json()
+        self.assertEqual(response.body, json.dumps(document, separators=(",", ":")).encode())
+        self.assertEqual(list(document), ["token", "expires_in"])
+
     # Success
 
     def test_issuesTokenForCertificateSubject(self) -> None:

@@ -194,6 +194,11 @@ class IssuerRequest(server.Request):
         self._body.write(data)
 
 
+#: Headers on every answer of the issuer's listener (JSON or empty, never to be cached or sniffed).
+EVERY_ANSWER_HEADERS = b"Server: tokenissuer\r\nCache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
+_SET_BY_CHANNEL = frozenset({b"Server", b"Cache-Control", b"X-Content-Type-Options"})
+
+
 class IssuerChannel(http.HTTPChannel):
     """
     An HTTP/1.1 channel that answers an oversized declared body at once, keeps
@@ -270,10 +275,14 @@ class IssuerChannel(http.HTTPChannel):
         """
         Hold the status line and headers until the body (or the end of the
         response), so an answer leaves as one TLS record and one write instead
-        of two. The bytes are those of C{HTTPChannel.writeHeaders}.
+        of two. The bytes are those of C{HTTPChannel.writeHeaders}, with the
+        headers every answer carries (L{EVERY_ANSWER_HEADERS}) written here
+        once rather than set on each request.
         """
-        heldHeaders = [version, b" ", code, b" ", reason, b"\r\n"]
+        heldHeaders = [version, b" ", code, b" ", reason, b"\r\n", EVERY_ANSWER_HEADERS]
         for name, values in headers.getAllRawHeaders():
+            if name in _SET_BY_CHANNEL:
+                continue  # Twisted's own Server header: ours is in EVERY_ANSWER_HEADERS
             for value in values:
                 heldHeaders.extend((name, b": ", value, b"\r\n"))
         heldHeaders.append(b"\r\n")
@@ -311,9 +320,6 @@ def _send(
     request.setResponseCode(status)
     for name, value in headers:
         request.setHeader(name, value)
-    request.setHeader(b"Server", b"tokenissuer")
-    request.setHeader(b"Cache-Control", b"no-store")
-    request.setHeader(b"X-Content-Type-Options", b"nosniff")
     if document is None:
         return b""
     request.setHeader(b"Content-Type", b"application/json")
@@ -552,12 +558,10 @@ class IssueResource(resource.Resource):
             peer=peer,
             origin=origin,
         )
-        return _send(
-            request,
-            200,
-            {"token": minted.token, "expires_in": self.policy.signer.ttl},
-            headers,
-        )
+        _send(request, 200, None, headers)
+        request.setHeader(b"Content-Type", b"application/json")
+        # What json.dumps makes of {"token": ..., "expires_in": ...}: a JWT is base64url and dots only.
+        return b'{"token":"%s","expires_in":%d}' % (minted.token.encode("ascii"), self.policy.signer.ttl)
 
 
 def buildResourceTree(
