@@ -213,6 +213,8 @@ class IssuerChannel(http.HTTPChannel):
     maxHeaders = MAX_HEADERS
     totalHeadersSize = MAX_HEADER_BYTES
     _requestDeadline: Any = None
+    #: A request has begun (its first byte arrived) and is not yet complete.
+    _inRequest = False
     _timedOut = False
     _abortLater: Any = None
     _heldHeaders: list[bytes] | None = None
@@ -225,12 +227,20 @@ class IssuerChannel(http.HTTPChannel):
     def dataReceived(self, data: bytes) -> None:
         if self._timedOut:
             return  # answered 408 and closing: nothing more is read
-        if self._requestDeadline is None and self.requestTimeout:
-            self._requestDeadline = self.callLater(self.requestTimeout, self._requestTooSlow)  # type: ignore[attr-defined]
+        if not self._inRequest and self.requestTimeout:
+            self._inRequest = True
+            deadline = self._requestDeadline
+            if deadline is not None and deadline.active():
+                # Still armed from an earlier request on this connection: moving it
+                # later is cheaper than a new timer per request.
+                deadline.reset(self.requestTimeout)
+            else:
+                self._requestDeadline = self.callLater(self.requestTimeout, self._requestTooSlow)  # type: ignore[attr-defined]
         super().dataReceived(data)
 
     def allContentReceived(self) -> None:
-        self._cancelDeadline()
+        # The deadline stays armed (see dataReceived) but no longer applies.
+        self._inRequest = False
         super().allContentReceived()
 
     def connectionLost(self, reason: Any = None) -> None:
@@ -247,6 +257,8 @@ class IssuerChannel(http.HTTPChannel):
 
     def _requestTooSlow(self) -> None:
         self._requestDeadline = None
+        if not self._inRequest:
+            return  # armed for a request that completed in time; none is under way
         self._timedOut = True
         body = json.dumps(
             {
