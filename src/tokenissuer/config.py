@@ -21,6 +21,7 @@ MAX_TTL = 86400
 DEV_ORIGINS = ("http://localhost:*", "http://127.0.0.1:*")
 DEV_LISTEN = "tcp:4443:interface=127.0.0.1"
 DEV_DEMO_LISTEN = "tcp:8000:interface=127.0.0.1"
+MAX_WORKERS = 64
 
 
 #: Options that take no value on the command line (their variable takes true/false).
@@ -110,6 +111,13 @@ OPTIONS = (
         "max-connections", "TOK_ISS_MAX_CONNECTIONS", "1024", "open TLS connections at most; more are closed at once"
     ),
     Option(
+        "workers",
+        "TOK_ISS_WORKERS",
+        "1",
+        f"processes serving the listening socket: 1-{MAX_WORKERS}, or auto for one per CPU this process may use; "
+        "with more than 1, this process supervises them",
+    ),
+    Option(
         "ticket-key-rotation",
         "TOK_ISS_TICKET_KEY_ROTATION",
         "3600",
@@ -193,6 +201,11 @@ class IssuerOptions(usage.Options):
             "serve the diagnostic page on 127.0.0.1:8000",
         ],
     ]
+    # Internal: how the supervisor of --workers starts each worker process.
+    optParameters += [
+        ["worker-fd", None, None, "internal (set by the supervisor of --workers): the inherited listening socket"],
+        ["worker-parent", None, None, "internal (set by the supervisor of --workers): the supervisor's pid"],
+    ]
 
 
 @dataclass(frozen=True)
@@ -232,6 +245,7 @@ class Settings:
     crlFiles: tuple[str, ...] = ()
     crlExpired: str = "refuse"
     demoListen: str | None = None
+    workers: int = 1
     #: The demo listener is development mode's default (a busy port then only warns).
     demoIsDevDefault: bool = False
 
@@ -479,7 +493,42 @@ def resolveSettings(options: Mapping[str, object], environ: Mapping[str, str] | 
         crlExpired=crlExpired,
         demoListen=demoListen,
         demoIsDevDefault=demoIsDevDefault,
+        workers=_workers(options, environ),
     )
+
+
+def availableCPUs() -> int:
+    """The CPUs this process may run on (its affinity mask where the platform has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _workers(options: Mapping[str, object], environ: Mapping[str, str]) -> int:
+    """How many processes serve the listening socket: a whole number, or auto (one per CPU)."""
+    text, source = _raw(options, environ, "workers")
+    value = (text or "").strip().lower()
+    if value == "auto":
+        return min(availableCPUs(), MAX_WORKERS)
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= MAX_WORKERS:
+        raise ConfigError(f"workers {text!r} from {source} must be a whole number from 1 to {MAX_WORKERS}, or auto")
+    return int(value)
+
+
+def argumentsFor(options: Mapping[str, object]) -> list[str]:
+    """The options given on the command line, as the arguments that give them again (for worker processes)."""
+    arguments: list[str] = []
+    for option in OPTIONS:
+        value = options.get(option.name)
+        if option.name in FLAGS:
+            if value:
+                arguments.append(f"--{option.name}")
+        elif value is not None:
+            arguments += [f"--{option.name}", str(value)]
+    if options.get("dev"):
+        arguments.append("--dev")
+    return arguments
 
 
 def _demoListen(options: Mapping[str, object], environ: Mapping[str, str], dev: bool) -> tuple[str | None, bool]:
