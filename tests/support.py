@@ -246,10 +246,11 @@ class IssuerProcess:
         return status
 
 
-def spawnIssuer(testCase: Any, pki: TestPKI, *arguments: str) -> IssuerProcess:
+def spawnIssuer(testCase: Any, pki: TestPKI, *arguments: str, environ: dict[str, str] | None = None) -> IssuerProcess:
     """
     Start the real command on a free loopback port with the PKI's files and the
-    test key (blocking until it is ready: run it in a thread from async tests).
+    test key (blocking until it is ready: run it in a thread from async tests);
+    C{environ} adds variables to its environment.
     """
     process = subprocess.Popen(
         [
@@ -269,7 +270,7 @@ def spawnIssuer(testCase: Any, pki: TestPKI, *arguments: str) -> IssuerProcess:
             pki.path("ca.pem"),
             *arguments,
         ],
-        env=cleanEnviron(TOK_ISS_HMAC_SECRET=TEST_HMAC_KEY),
+        env=cleanEnviron(TOK_ISS_HMAC_SECRET=TEST_HMAC_KEY, **(environ or {})),
         cwd=pki.folder,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -4,6 +4,7 @@ a client certificate (kubelet probes present none).
 
   /healthz  the process runs its event loop
   /readyz   it accepts connections with a valid TLS context and is not draining
+            (with --workers: at least one worker runs)
   /metrics  Prometheus text format
   /openapi.yaml  the OpenAPI document of both listeners
 """
@@ -15,10 +16,8 @@ from collections.abc import Callable
 from importlib import resources
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from twisted.web import resource, server
-
-from tokenissuer.metrics import IssuerMetrics
 
 
 def _json(request: server.Request, status: int, document: dict[str, object]) -> bytes:
@@ -60,14 +59,14 @@ class Readiness(_Leaf):
 
 
 class Metrics(_Leaf):
-    def __init__(self, metrics: IssuerMetrics):
+    def __init__(self, registry: CollectorRegistry):
         super().__init__()
-        self._metrics = metrics
+        self._registry = registry
 
     def answer(self, request: server.Request) -> bytes:
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
         request.setHeader(b"Cache-Control", b"no-store")
-        return generate_latest(self._metrics.registry)
+        return generate_latest(self._registry)
 
 
 class OpenApiDocument(_Leaf):
@@ -126,7 +125,7 @@ class Jwks(_Leaf):
 
 
 def buildAdminSite(
-    metrics: IssuerMetrics,
+    metrics: CollectorRegistry,
     isReady: Callable[[], tuple[bool, str]],
     jwks: Callable[[], dict[str, Any] | None] | None = None,
 ) -> AdminSite:

@@ -5,14 +5,23 @@ expires and how the last reload went.
 
 Each service owns its own registry, so tests (and several services in one
 process) never share counters.
+
+With --workers N, each worker's metrics live in prometheus_client's
+multiprocess files (its environment names the folder) and the supervisor
+serves them summed (L{SupervisorMetrics}): a worker's gauges say how to combine
+them, and the two gauges computed at scrape time (certificate expiry, CRL next
+update) come from the supervisor, which reloads the same files.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 # The *_created series double the output and no dashboard of ours uses them.
 disable_created_metrics()
@@ -34,9 +43,15 @@ HANDSHAKE_REASONS = (
 
 
 class IssuerMetrics:
-    """All metrics of one issuer."""
+    """All metrics of one issuer (of one worker, with C{worker=True}: see the module's docstring)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.time) -> None:
+    #: Computed at scrape time; absent in a worker (the supervisor publishes its own).
+    certificateExpiry: Gauge | None = None
+    crlNextUpdateSeconds: Gauge | None = None
+
+    def __init__(
+        self, registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.time, worker: bool = False
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self._clock = clock
         self.tokensIssued = Counter(
@@ -58,21 +73,25 @@ class IssuerMetrics:
             registry=self.registry,
         )
         self._certificateNotAfter: float | None = None
-        self.certificateExpiry = Gauge(
-            "tokenissuer_server_certificate_expiry_seconds",
-            "Seconds until the server certificate in use expires (negative once expired).",
-            registry=self.registry,
-        )
-        self.certificateExpiry.set_function(self._secondsUntilExpiry)
+        if not worker:
+            self.certificateExpiry = Gauge(
+                "tokenissuer_server_certificate_expiry_seconds",
+                "Seconds until the server certificate in use expires (negative once expired).",
+                registry=self.registry,
+            )
+            self.certificateExpiry.set_function(self._secondsUntilExpiry)
+        # Across workers: the latest reload, 0 if any live worker's last reload failed.
         self.lastReloadTimestamp = Gauge(
             "tokenissuer_last_reload_timestamp_seconds",
             "Unix time of the last reload attempt of certificates, keys or CA bundle (0: none yet).",
             registry=self.registry,
+            multiprocess_mode="max",
         )
         self.lastReloadSuccess = Gauge(
             "tokenissuer_last_reload_success",
             "1 if the last reload attempt succeeded (or none happened yet), 0 if it failed and old material is in use.",
             registry=self.registry,
+            multiprocess_mode="livemin",
         )
         self.lastReloadSuccess.set(1)
         self.reloads = Counter(
@@ -84,15 +103,22 @@ class IssuerMetrics:
             registry=self.registry,
         )
         self._crlNextUpdate: float | None = None
-        self.crlNextUpdateSeconds = Gauge(
-            "tokenissuer_crl_next_update_seconds",
-            "Seconds until the earliest configured CRL's next update (negative: expired; absent without CRLs).",
+        if not worker:
+            self.crlNextUpdateSeconds = Gauge(
+                "tokenissuer_crl_next_update_seconds",
+                "Seconds until the earliest configured CRL's next update (negative: expired; absent without CRLs).",
+                registry=self.registry,
+            )
+            self.crlNextUpdateSeconds.set_function(
+                lambda: float("nan") if self._crlNextUpdate is None else self._crlNextUpdate - self._clock()
+            )
+        # Across workers: how many accept new connections.
+        self.ready = Gauge(
+            "tokenissuer_ready",
+            "1 while the service accepts new connections.",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
-        self.crlNextUpdateSeconds.set_function(
-            lambda: float("nan") if self._crlNextUpdate is None else self._crlNextUpdate - self._clock()
-        )
-        self.ready = Gauge("tokenissuer_ready", "1 while the service accepts new connections.", registry=self.registry)
         for reason in HANDSHAKE_REASONS:
             self.handshakeFailures.labels(reason=reason)
         for outcome in ("success", "failure"):
@@ -122,3 +148,36 @@ class IssuerMetrics:
         self.lastReloadTimestamp.set(self._clock())
         self.lastReloadSuccess.set(1 if success else 0)
         self.reloads.labels(outcome="success" if success else "failure").inc()
+
+
+class _WorkerFiles:
+    """A collector of the workers' multiprocess files, once their folder exists."""
+
+    def __init__(self, folder: Callable[[], str | None]) -> None:
+        self._folder = folder
+
+    def collect(self) -> Iterable[Metric]:
+        folder = self._folder()
+        if folder is None or not os.path.isdir(folder):
+            return []
+        return MultiProcessCollector(None, folder).collect()
+
+
+class SupervisorMetrics:
+    """
+    What the supervisor of --workers serves on /metrics: the workers' metrics,
+    summed from their multiprocess files in C{folder()}, the supervisor's own
+    scrape-time gauges, and how often it restarted a worker.
+    """
+
+    def __init__(self, own: IssuerMetrics, folder: Callable[[], str | None]) -> None:
+        self.registry = CollectorRegistry()
+        assert own.certificateExpiry is not None and own.crlNextUpdateSeconds is not None
+        self.registry.register(own.certificateExpiry)
+        self.registry.register(own.crlNextUpdateSeconds)
+        self.workerRestarts = Counter(
+            "tokenissuer_worker_restarts",
+            "Worker processes started again after an unexpected exit.",
+            registry=self.registry,
+        )
+        self.registry.register(_WorkerFiles(folder))  # type: ignore[arg-type]

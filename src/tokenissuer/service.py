@@ -3,6 +3,11 @@ Assemble the running service from L{Settings}: certificate material, the TLS
 context, the signer, the resource tree, the listening endpoints; and run its
 life cycle: reload changed material, drain on shutdown.
 
+With --workers N (N > 1) the same service plays one of two roles (see
+L{tokenissuer.workers}): the supervisor binds the listening socket but serves
+no TLS itself, runs the admin listener and the diagnostic page, and runs a
+L{WorkerPool}; a worker adopts the supervisor's socket and runs neither.
+
 Start-up problems end the process with one line on stderr and exit status 1.
 """
 
@@ -12,6 +17,7 @@ import hashlib
 import os
 import shlex
 import signal
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,19 +27,21 @@ from cryptography.hazmat.primitives import serialization
 from OpenSSL import SSL
 from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
 from tokenissuer.admin import buildAdminSite
-from tokenissuer.config import ConfigError, Settings, devDirFrom, readHmacKeyFile, resolveSettings
-from tokenissuer.metrics import IssuerMetrics
+from tokenissuer.config import ConfigError, Settings, argumentsFor, devDirFrom, readHmacKeyFile, resolveSettings
+from tokenissuer.metrics import IssuerMetrics, SupervisorMetrics
 from tokenissuer.pemfiles import PemError, ServerIdentity, loadClientCAs, loadCRLs, loadServerIdentity, readFile
 from tokenissuer.policy import ClientPolicy, PolicyError, loadPolicyFile
 from tokenissuer.signer import SignerKeyError, SigningKey, TokenSigner, jwkThumbprint, publicJwk, signingKeyFrom
 from tokenissuer.sockets import sendAtOnce
 from tokenissuer.tls import IssuerTLSFactory, ServerConnectionCreator, buildServerContext
 from tokenissuer.web import IssuePolicy, IssueResource, IssuerSite, buildResourceTree
+from tokenissuer.workers import EXIT_GRACE, WorkerPool, WorkerRole, watchParent, workerRoleFrom
 
 log = Logger()
 
@@ -149,6 +157,9 @@ class IssuerService(service.Service):
     """
     Listen when started; log the summary line; reload changed material; on stop,
     turn not-ready, stop accepting, let requests in flight finish, then close.
+
+    With a C{pool} it is the supervisor of --workers, with a C{worker} role one
+    of its workers (see the module's docstring).
     """
 
     name = "tokenissuer"
@@ -159,11 +170,20 @@ class IssuerService(service.Service):
         material: Material,
         reactor: Any,
         handleTermination: bool = False,
+        *,
+        worker: WorkerRole | None = None,
+        pool: WorkerPool | None = None,
     ):
         self.handleTermination = handleTermination
         self.settings = settings
         self.reactor = reactor
-        self.metrics = IssuerMetrics()
+        self.worker = worker
+        self.pool = pool
+        self.metrics = IssuerMetrics(worker=worker is not None)
+        self.supervisorMetrics: SupervisorMetrics | None = None
+        if pool is not None:
+            self.supervisorMetrics = SupervisorMetrics(self.metrics, lambda: pool.metricsFolder)
+            pool.onRestart = self.supervisorMetrics.workerRestarts.inc
         self.material = material
         self.metrics.serverCertificateInUse(material.identity.leaf.not_valid_after_utc.timestamp())
         self.signer = TokenSigner(material.signingKey, settings.issuer, settings.ttl, material.audienceKeys)
@@ -200,6 +220,7 @@ class IssuerService(service.Service):
         self._fingerprint = materialFingerprint(settings)
         self._watcher: LoopingCall | None = None
         self._rotator: LoopingCall | None = None
+        self._parentWatch: LoopingCall | None = None
         self._previousHangup: Any = None
 
     # Readiness and reload
@@ -209,6 +230,11 @@ class IssuerService(service.Service):
             return False, "draining for shutdown"
         if self.port is None:
             return False, "not listening"
+        if self.pool is not None:
+            running = self.pool.running()
+            if not running:
+                return False, f"no worker is running (of {self.pool.count})"
+            return True, f"serving with {running} of {self.pool.count} workers"
         return True, "serving"
 
     def reload(self, force: bool = False) -> bool | None:
@@ -286,7 +312,8 @@ class IssuerService(service.Service):
 
             from tokenissuer.audit import jsonLineObserver, textLineObserver
 
-            if self.settings.logFormat == "json":
+            if self.settings.logFormat == "json" or self.worker is not None:
+                # A worker's JSON lines go to its supervisor, which logs them in the configured format.
                 parent.setComponent(ILogObserver, jsonLineObserver(sys.stdout))
             elif self.textLogToStdout:
                 parent.setComponent(ILogObserver, textLineObserver(sys.stdout))
@@ -314,31 +341,18 @@ class IssuerService(service.Service):
 
     def _hangup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.reload, True)
+        if self.pool is not None:
+            self.reactor.callFromThread(self.pool.signalAll, signal.SIGHUP)
 
     # Life cycle
 
     def startService(self) -> None:
         super().startService()
-        from twisted.internet.endpoints import serverFromString
-
-        failures: list[Any] = []
-        endpoint = serverFromString(self.reactor, self.settings.listen)
-        endpoint.listen(self.factory).addCallbacks(self._listening, failures.append)
-        if failures:
-            # TCP listening happens at once; failing here keeps the error to one line.
-            raise StartupError(f"cannot listen on {self.settings.listen}: {failures[0].getErrorMessage()}")
-        if self.settings.adminListen is not None:
-            adminEndpoint = serverFromString(self.reactor, self.settings.adminListen)
-            adminEndpoint.listen(buildAdminSite(self.metrics, self.readiness, jwks=self._jwks)).addCallbacks(
-                self._adminListening, failures.append
-            )
-            if failures:
-                raise StartupError(
-                    f"cannot listen on the admin endpoint {self.settings.adminListen}: {failures[0].getErrorMessage()}"
-                )
-        if self.settings.demoListen is not None:
-            self._startDemo(serverFromString(self.reactor, self.settings.demoListen))
-        if self.settings.ticketKeyRotation > 0:
+        if self.worker is not None:
+            self._adopt(self.worker)
+        else:
+            self._listen()
+        if self.settings.ticketKeyRotation > 0 and self.pool is None:
             self._rotator = LoopingCall(self.rotateSessionKeys)
             self._rotator.clock = self.reactor
             self._rotator.start(self.settings.ticketKeyRotation, now=False)
@@ -355,14 +369,96 @@ class IssuerService(service.Service):
             # handling: twistd would otherwise end by re-raising SIGTERM (exit
             # status 143) even after a clean drain; we stop and exit 0.
             self.reactor.callWhenRunning(self._installTerminationHandler)
+        if self.worker is not None:
+            self.reactor.callWhenRunning(self._watchSupervisor, self.worker.parentPid)
         self.metrics.ready.set(1)
+
+    def _listen(self) -> None:
+        """Listen on the TLS endpoint (the supervisor: for its workers), the admin endpoint, the diagnostic page."""
+        from twisted.internet.endpoints import serverFromString
+
+        failures: list[Any] = []
+        endpoint = serverFromString(self.reactor, self.settings.listen)
+        endpoint.listen(self.factory).addCallbacks(self._listening, failures.append)
+        if failures:
+            # TCP listening happens at once; failing here keeps the error to one line.
+            raise StartupError(f"cannot listen on {self.settings.listen}: {failures[0].getErrorMessage()}")
+        if self.pool is not None:
+            self._prepareWorkers(self.pool)
+        try:
+            if self.settings.adminListen is not None:
+                registry = self.metrics.registry if self.supervisorMetrics is None else self.supervisorMetrics.registry
+                adminEndpoint = serverFromString(self.reactor, self.settings.adminListen)
+                adminEndpoint.listen(buildAdminSite(registry, self.readiness, jwks=self._jwks)).addCallbacks(
+                    self._adminListening, failures.append
+                )
+                if failures:
+                    raise StartupError(
+                        f"cannot listen on the admin endpoint {self.settings.adminListen}: "
+                        f"{failures[0].getErrorMessage()}"
+                    )
+            if self.settings.demoListen is not None:
+                self._startDemo(serverFromString(self.reactor, self.settings.demoListen))
+        except BaseException:
+            if self.pool is not None:
+                self.pool.discard()
+            raise
+        if self.pool is not None:
+            assert self.port is not None
+            # Once start-up has succeeded and the reactor runs, the workers take the socket.
+            self.reactor.callWhenRunning(self.pool.start, self.port.fileno())  # type: ignore[attr-defined]
+
+    def _prepareWorkers(self, pool: WorkerPool) -> None:
+        """The supervisor accepts nothing on its socket; its workers get a folder for their metrics."""
+        port = self.port
+        if getattr(port, "fileno", None) is None or getattr(port, "stopReading", None) is None:
+            raise StartupError(f"--workers needs a socket endpoint to share; {self.settings.listen} is not one")
+        port.stopReading()  # type: ignore[union-attr]
+        try:
+            pool.prepare()
+        except OSError as error:
+            raise StartupError(
+                f"cannot create a folder for the workers' metrics in {tempfile.gettempdir()}: {error.strerror} "
+                "(set TMPDIR to a writable folder)"
+            ) from None
+
+    def _adopt(self, role: WorkerRole) -> None:
+        """A worker: serve the listening socket the supervisor passed as file descriptor C{role.fd}."""
+        import socket
+
+        try:
+            inherited = socket.socket(fileno=role.fd)
+        except OSError as error:
+            raise StartupError(f"worker: file descriptor {role.fd} is not a socket: {error.strerror}") from None
+        try:
+            inherited.setblocking(False)
+            port = self.reactor.adoptStreamPort(inherited.fileno(), inherited.family, self.factory)
+        finally:
+            inherited.close()  # the port holds its own duplicate
+        self._listening(port)
+
+    def _watchSupervisor(self, parentPid: int) -> None:
+        def gone() -> None:
+            log.warn("the supervisor (pid {pid}) is gone: draining, then exiting", pid=parentPid)
+            try:
+                self.reactor.stop()
+            except ReactorNotRunning:  # already stopping
+                pass
+
+        self._parentWatch = watchParent(self.reactor, parentPid, gone)
 
     def _installTerminationHandler(self) -> None:
         def terminate(signum: int, frame: Any) -> None:
-            log.info("received SIGTERM: draining, then exiting")
+            log.info("received {name}: draining, then exiting", name=signal.Signals(signum).name)
             self.reactor.callFromThread(self.reactor.stop)
 
         signal.signal(signal.SIGTERM, terminate)
+        if self.pool is not None:
+            # The supervisor stops its workers on Ctrl-C too ...
+            signal.signal(signal.SIGINT, terminate)
+        elif self.worker is not None:
+            # ... which is also sent to them (the same process group): they wait for its SIGTERM.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def _adminListening(self, port: IListeningPort) -> None:
         self.adminPort = port
@@ -405,10 +501,15 @@ class IssuerService(service.Service):
         sendAtOnce(port)
         self.port = port
         settings = self.settings
+        if self.worker is not None:
+            # The supervisor logged the summary.
+            log.info("worker ready: accepting on port {port}", port=getattr(port.getHost(), "port", "?"))
+            return
         audiences = " ".join(sorted(settings.audiences)) if settings.audiences else "any"
         log.info(
             "tokenissuer ready: issuer={issuer!r} listen={listen} (port {port}) audiences={audiences} "
-            "origins={origins} client-auth={clientAuth} ttl={ttl}s admin={admin} server certificate={certificate}",
+            "origins={origins} client-auth={clientAuth} ttl={ttl}s admin={admin} server certificate={certificate}"
+            + ("" if self.pool is None else " workers={workers}"),
             issuer=settings.issuer,
             listen=settings.listen,
             port=getattr(port.getHost(), "port", "?"),
@@ -418,6 +519,7 @@ class IssuerService(service.Service):
             ttl=settings.ttl,
             admin=settings.adminListen or "off",
             certificate=self.material.identity.describe(),
+            workers=settings.workers,
         )
         if settings.dev:
             self._printDevHelp(getattr(port.getHost(), "port", 4443))
@@ -462,14 +564,23 @@ class IssuerService(service.Service):
             self._watcher.stop()
         if self._rotator is not None and self._rotator.running:
             self._rotator.stop()
+        if self._parentWatch is not None and self._parentWatch.running:
+            self._parentWatch.stop()
         if self._previousHangup is not None:
             signal.signal(signal.SIGHUP, self._previousHangup)
         stopping = []
         if self.port is not None:
             port, self.port = self.port, None
-            _acceptQueued(port)
+            if self.pool is not None:
+                # The supervisor accepts nothing: it only shrinks the shared queue before closing its copy.
+                _shrinkAcceptQueue(port)
+            else:
+                # A worker leaves the shared queue's length alone: the others may go on serving.
+                _acceptQueued(port, shrink=self.worker is None)
             stopping.append(port.stopListening())
         await DeferredList([d for d in stopping if d is not None])
+        if self.pool is not None:
+            await self.pool.stop(self.settings.drainSeconds + EXIT_GRACE)
         open_ = len(self.factory.connections)
         if open_:
             log.info(
@@ -507,23 +618,41 @@ class IssuerService(service.Service):
             await demoPort.stopListening()  # type: ignore[misc]
 
 
-def _acceptQueued(port: Any) -> None:
+def _acceptQueued(port: Any, shrink: bool = True) -> None:
     """
     Take the connections already waiting in the kernel's accept queue before the
     listener closes (closing would reset them), and shrink the queue so that
-    connections arriving meanwhile wait and are then refused rather than reset.
+    connections arriving meanwhile wait and are then refused rather than reset
+    (not with C{shrink=False}: a worker shares the queue with the others).
     """
-    socket_ = getattr(port, "socket", None)
-    if socket_ is None:
+    if shrink:
+        _shrinkAcceptQueue(port)
+    if getattr(port, "socket", None) is None:
         return
     try:
-        socket_.listen(0)
         port.doRead()
     except OSError:
         pass
 
 
-def buildService(settings: Settings, reactor: Any = None, handleTermination: bool = False) -> IssuerService:
+def _shrinkAcceptQueue(port: Any) -> None:
+    socket_ = getattr(port, "socket", None)
+    if socket_ is None:
+        return
+    try:
+        socket_.listen(0)
+    except OSError:
+        pass
+
+
+def buildService(
+    settings: Settings,
+    reactor: Any = None,
+    handleTermination: bool = False,
+    *,
+    worker: WorkerRole | None = None,
+    pool: WorkerPool | None = None,
+) -> IssuerService:
     """Check all material and build the (not yet listening) service, or raise L{StartupError}."""
     if reactor is None:
         from twisted.internet import reactor as defaultReactor
@@ -547,7 +676,7 @@ def buildService(settings: Settings, reactor: Any = None, handleTermination: boo
         except Exception as error:
             raise StartupError(f"{what} endpoint {description!r} is invalid: {error}") from None
     try:
-        return IssuerService(settings, material, reactor, handleTermination)
+        return IssuerService(settings, material, reactor, handleTermination, worker=worker, pool=pool)
     except SignerKeyError as error:
         raise StartupError(str(error)) from None
 
@@ -568,8 +697,12 @@ def makeService(options: Mapping[str, Any], environ: Mapping[str, str] | None = 
             log.info("development mode: created a throwaway PKI and HMAC key in {folder}", folder=devDir)
     try:
         settings = resolveSettings(options, environ)
-    except ConfigError as error:
+        worker = workerRoleFrom(options)
+    except (ConfigError, ValueError) as error:
         raise StartupError(str(error)) from None
+    if worker is not None:
+        # The supervisor has warned about the settings already.
+        return buildService(settings, handleTermination=True, worker=worker)
     if settings.audiences is None:
         log.warn("TOK_ISS_ALLOWED_AUDIENCES is not set: tokens are issued for any audience a client asks for")
     if settings.ttl > 3600:
@@ -578,7 +711,18 @@ def makeService(options: Mapping[str, Any], environ: Mapping[str, str] | None = 
             "reject tokens after an hour",
             ttl=settings.ttl,
         )
-    built = buildService(settings, handleTermination=True)
+    pool = None
+    if settings.workers > 1:
+        from twisted.internet import reactor
+
+        pool = WorkerPool(
+            reactor,
+            settings.workers,
+            argumentsFor(options),
+            textLog=settings.logFormat == "text",
+            withMetrics=settings.adminListen is not None,
+        )
+    built = buildService(settings, handleTermination=True, pool=pool)
     built.textLogToStdout = twistdLogsToStdout(getattr(options, "parent", None))
     return built
 
