@@ -111,7 +111,17 @@ class WorkersOptionTests(SynchronousTestCase):
     def test_workerRole(self) -> None:
         self.assertIsNone(workerRoleFrom(_options()))
         self.assertEqual(workerRoleFrom(_options("--worker-fd", "3", "--worker-parent", "42")), WorkerRole(3, 42))
-        for argv in (["--worker-fd", "3"], ["--worker-fd", "x", "--worker-parent", "1"], ["--worker-parent", "0"]):
+        self.assertEqual(
+            workerRoleFrom(_options(*"--worker-fd 3 --worker-parent 42 --worker-index 2 --worker-log direct".split())),
+            WorkerRole(3, 42, 2, True),
+        )
+        for argv in (
+            ["--worker-fd", "3"],
+            ["--worker-fd", "x", "--worker-parent", "1"],
+            ["--worker-parent", "0"],
+            ["--worker-fd", "3", "--worker-parent", "1", "--worker-log", "elsewhere"],
+            ["--worker-fd", "3", "--worker-parent", "1", "--worker-index", "-1"],
+        ):
             with self.subTest(argv=argv):
                 self.assertRaises(ValueError, workerRoleFrom, _options(*argv))
 
@@ -146,6 +156,19 @@ class RelogTests(SynchronousTestCase):
         textLineObserver(relogged)(workerEvent(self.line, 2, 4321))
         expected = single.getvalue().replace("[tokenissuer.web#info]", "[worker 2 (pid 4321) tokenissuer.web#info]", 1)
         self.assertEqual(relogged.getvalue(), expected)
+
+    def test_directTextLineIsTheRelayedOne(self) -> None:
+        """A worker writing the log itself writes what the supervisor would have re-logged."""
+        direct, relayed = io.StringIO(), io.StringIO()
+        textLineObserver(direct, tag="worker 2 (pid 4321)")(self.original)
+        textLineObserver(relayed)(workerEvent(self.line, 2, 4321))
+        self.assertEqual(direct.getvalue(), relayed.getvalue())
+
+    def test_directJsonLineIsTheRelayedOne(self) -> None:
+        direct, relayed = io.StringIO(), io.StringIO()
+        jsonLineObserver(direct, extra={"worker": 2, "worker_pid": 4321})(self.original)
+        jsonLineObserver(relayed)(workerEvent(self.line, 2, 4321, textLog=False))
+        self.assertEqual(json.loads(direct.getvalue()), json.loads(relayed.getvalue()))
 
     def test_jsonLineIsTheWorkersRecordTagged(self) -> None:
         output = io.StringIO()
@@ -258,15 +281,26 @@ class PoolTests(SynchronousTestCase):
     def test_startsEachWorkerOnTheSocket(self) -> None:
         self.assertEqual(self.pool.running(), 2)
         self.assertEqual(len(self.reactor.spawned), 2)
-        for _, process, args, env, childFDs in self.reactor.spawned:
+        for index, (_, process, args, env, childFDs) in enumerate(self.reactor.spawned, 1):
             self.assertEqual(childFDs, {0: "w", 1: "r", 2: "r", WORKER_FD: 17})
             self.assertEqual(args[0], "/usr/bin/python3")
             self.assertEqual(
-                args[-6:], ["--ttl", "90", "--worker-fd", str(WORKER_FD), "--worker-parent", str(os.getpid())]
+                args[-10:],
+                ["--ttl", "90", "--worker-fd", str(WORKER_FD), "--worker-parent", str(os.getpid())]
+                + ["--worker-index", str(index), "--worker-log", "relay"],
             )
             self.assertIn("tokenissuer", args)
             self.assertEqual(env["PROMETHEUS_MULTIPROC_DIR"], self.pool.metricsFolder)
             self.assertTrue(process.stdinClosed)
+
+    def test_directLogWorkersWriteTheSupervisorsOutput(self) -> None:
+        """With directLog the workers get the supervisor's own stdout and stderr, and are told so."""
+        reactor = FakeReactor()
+        pool = WorkerPool(reactor, 2, [], directLog=True, withMetrics=False, executable="/usr/bin/python3")
+        pool.start(17)
+        for index, (_, _, args, _, childFDs) in enumerate(reactor.spawned, 1):
+            self.assertEqual(childFDs, {0: "w", 1: 1, 2: 2, WORKER_FD: 17})
+            self.assertEqual(args[-4:], ["--worker-index", str(index), "--worker-log", "direct"])
 
     def test_outputIsRelogged(self) -> None:
         protocol, process = self.reactor.spawned[1][:2]

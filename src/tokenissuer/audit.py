@@ -52,33 +52,39 @@ class TextLineObserver:
     continuation lines indented by a tab), at a fraction of its cost per line.
     """
 
-    def __init__(self, output: IO[str]) -> None:
+    def __init__(self, output: IO[str], tag: str = "") -> None:
         self._output = output
         self._stamp = _SecondStamp(formatTime)
+        self._tag = f"{tag} " if tag else ""
 
     def __call__(self, event: dict[str, Any]) -> None:
-        if event.get("log_format") == PRERENDERED and "log_failure" not in event and "log_system" not in event:
-            level, message = event.get("log_level"), event.get("text")
-            if not message:
-                return
-            text = f"[{event.get('log_namespace', '-')}#{getattr(level, 'name', '-')}] {message}"
+        if event.get("log_format") == PRERENDERED and "log_failure" not in event:
+            text = event.get("text")
         else:
-            text = eventAsText(event, includeTimestamp=False)
+            text = eventAsText(event, includeTimestamp=False, includeSystem=False)
         if not text:
             return
         if "\n" in text:
             text = text.replace("\n", "\n\t")
-        self._output.write(f"{self._stamp(event.get('log_time') or 0)} {text}\n")
+        system = event.get("log_system")
+        if system is None:
+            level = event.get("log_level")
+            system = f"{event.get('log_namespace', '-')}#{getattr(level, 'name', '-')}"
+        self._output.write(f"{self._stamp(event.get('log_time') or 0)} [{self._tag}{system}] {text}\n")
         self._output.flush()
 
 
-def textLineObserver(output: IO[str]) -> TextLineObserver:
-    """An observer writing each event as twistd's classic text line to C{output}."""
-    return TextLineObserver(output)
+def textLineObserver(output: IO[str], tag: str = "") -> TextLineObserver:
+    """
+    An observer writing each event as twistd's classic text line to C{output};
+    a C{tag} (a worker's name) goes in front of the system in brackets.
+    """
+    return TextLineObserver(output, tag)
 
 
-def jsonLineObserver(output: IO[str]) -> Callable[[dict[str, Any]], None]:
-    """An observer writing each event as one line of JSON to C{output}."""
+def jsonLineObserver(output: IO[str], extra: dict[str, Any] | None = None) -> Callable[[dict[str, Any]], None]:
+    """An observer writing each event as one line of JSON to C{output}, with the C{extra} fields in each."""
+    extraFields = dict(extra or {})
 
     stamp = _SecondStamp(lambda second: datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
 
@@ -98,6 +104,7 @@ def jsonLineObserver(output: IO[str]) -> Callable[[dict[str, Any]], None]:
                 continue
             if isinstance(value, str | int | float | bool) or value is None:
                 record[key] = value
+        record.update(extraFields)
         failure = event.get("log_failure")
         if failure is not None:
             record["error"] = failure.getErrorMessage()

@@ -205,6 +205,13 @@ class IssuerOptions(usage.Options):
     optParameters += [
         ["worker-fd", None, None, "internal (set by the supervisor of --workers): the inherited listening socket"],
         ["worker-parent", None, None, "internal (set by the supervisor of --workers): the supervisor's pid"],
+        ["worker-index", None, None, "internal (set by the supervisor of --workers): the worker's number"],
+        [
+            "worker-log",
+            None,
+            None,
+            "internal (set by the supervisor of --workers): 'direct' (write the shared log) or 'relay'",
+        ],
     ]
 
 

@@ -312,8 +312,16 @@ class IssuerService(service.Service):
 
             from tokenissuer.audit import jsonLineObserver, textLineObserver
 
-            if self.settings.logFormat == "json" or self.worker is not None:
-                # A worker's JSON lines go to its supervisor, which logs them in the configured format.
+            worker = self.worker
+            if worker is not None and worker.directLog:
+                # The worker writes the shared log itself, each line tagged as the worker's.
+                if self.settings.logFormat == "json":
+                    extra = {"worker": worker.index, "worker_pid": os.getpid()}
+                    parent.setComponent(ILogObserver, jsonLineObserver(sys.stdout, extra=extra))
+                else:
+                    parent.setComponent(ILogObserver, textLineObserver(sys.stdout, tag=worker.tag))
+            elif self.settings.logFormat == "json" or worker is not None:
+                # A relaying worker's JSON lines go to its supervisor, which logs them in the configured format.
                 parent.setComponent(ILogObserver, jsonLineObserver(sys.stdout))
             elif self.textLogToStdout:
                 parent.setComponent(ILogObserver, textLineObserver(sys.stdout))
@@ -715,11 +723,14 @@ def makeService(options: Mapping[str, Any], environ: Mapping[str, str] | None = 
     if settings.workers > 1:
         from twisted.internet import reactor
 
+        textLog = settings.logFormat == "text"
         pool = WorkerPool(
             reactor,
             settings.workers,
             argumentsFor(options),
-            textLog=settings.logFormat == "text",
+            textLog=textLog,
+            # Our own observer writes the supervisor's log to stdout: then the workers can too.
+            directLog=not textLog or twistdLogsToStdout(getattr(options, "parent", None)),
             withMetrics=settings.adminListen is not None,
         )
     built = buildService(settings, handleTermination=True, pool=pool)

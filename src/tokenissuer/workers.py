@@ -18,10 +18,13 @@ The supervisor:
   - forwards SIGHUP to every worker; when stopping, sends them SIGTERM, waits
     while they drain (up to the drain time plus L{EXIT_GRACE}), then kills any
     still running;
-  - re-logs every line a worker writes, once, tagged with the worker's number
-    and pid. Workers write JSON lines to the supervisor, which writes them to
-    its own log in the configured format: a line looks as it would from a
-    single process, plus the tag;
+  - has every worker's log lines appear once in its own log, tagged with the
+    worker's number and pid: a line looks as it would from a single process,
+    plus the tag. Where the supervisor logs to stdout (C{-n} without
+    C{--logfile}, and always with --log-format json), the workers write to that
+    same stdout themselves, in the configured format (each line is one write,
+    so lines do not mix), and the supervisor does no work per token; otherwise
+    they send JSON lines to the supervisor, which re-logs them;
   - gives the workers a private folder for prometheus_client's multiprocess
     files (L{tokenissuer.metrics.SupervisorMetrics} reads it) and removes it
     at the end.
@@ -78,10 +81,21 @@ _STREAMS = {1: "stdout", 2: "stderr"}
 
 @dataclass(frozen=True)
 class WorkerRole:
-    """What the supervisor gave a worker: the listening socket's descriptor, and its own pid."""
+    """
+    What the supervisor gave a worker: the listening socket's descriptor, its
+    own pid, the worker's number, and whether the worker writes the shared log
+    itself (C{directLog}) or sends JSON lines for the supervisor to re-log.
+    """
 
     fd: int
     parentPid: int
+    index: int = 0
+    directLog: bool = False
+
+    @property
+    def tag(self) -> str:
+        """What marks this worker's log lines: C{worker 2 (pid 4321)}."""
+        return f"worker {self.index} (pid {os.getpid()})"
 
 
 def workerRoleFrom(options: Mapping[str, Any]) -> WorkerRole | None:
@@ -89,12 +103,17 @@ def workerRoleFrom(options: Mapping[str, Any]) -> WorkerRole | None:
     fd, parent = options.get("worker-fd"), options.get("worker-parent")
     if fd is None and parent is None:
         return None
+    logMode = options.get("worker-log") or "relay"
     try:
-        role = WorkerRole(int(str(fd)), int(str(parent)))
+        role = WorkerRole(
+            int(str(fd)), int(str(parent)), int(str(options.get("worker-index") or 0)), logMode == "direct"
+        )
     except ValueError:
         role = None
-    if role is None or role.fd < 0 or role.parentPid < 1:
-        raise ValueError("--worker-fd and --worker-parent are set by the supervisor of --workers, both as numbers")
+    if role is None or role.fd < 0 or role.parentPid < 1 or role.index < 0 or logMode not in ("direct", "relay"):
+        raise ValueError(
+            "--worker-fd, --worker-parent, --worker-index and --worker-log are set by the supervisor of --workers"
+        )
     return role
 
 
@@ -257,6 +276,7 @@ class WorkerPool:
         arguments: list[str],
         *,
         textLog: bool = True,
+        directLog: bool = False,
         withMetrics: bool = True,
         onRestart: Callable[[], None] = lambda: None,
         publish: Callable[[dict[str, Any]], None] = globalLogPublisher,
@@ -266,6 +286,7 @@ class WorkerPool:
         self.count = count
         self.arguments = arguments
         self.textLog = textLog
+        self.directLog = directLog
         self.withMetrics = withMetrics
         self.onRestart = onRestart
         self.publish = publish
@@ -359,7 +380,14 @@ class WorkerPool:
             str(WORKER_FD),
             "--worker-parent",
             str(os.getpid()),
+            "--worker-index",
+            str(worker.index),
+            "--worker-log",
+            "direct" if self.directLog else "relay",
         ]
+        # Direct: the worker writes its (tagged) lines to the supervisor's own stdout
+        # and stderr, at no cost to the supervisor; relay: it sends them here.
+        output: dict[int, int | str] = {1: 1, 2: 2} if self.directLog else {1: "r", 2: "r"}
         workerProtocol = _WorkerProtocol(self, worker)
         try:
             process = self.reactor.spawnProcess(
@@ -367,7 +395,7 @@ class WorkerPool:
                 self.executable,
                 argv,
                 env=environ,
-                childFDs={0: "w", 1: "r", 2: "r", WORKER_FD: self._listeningFd},
+                childFDs={0: "w", **output, WORKER_FD: self._listeningFd},
             )
         except OSError as problem:
             log.error("cannot start worker {index}: {problem}", index=worker.index, problem=str(problem))
