@@ -619,7 +619,11 @@ def compareWorkers(files: dict[str, str], requests: int, timeLimit: float, repea
             for concurrency in (8, 32):
                 runs = []
                 for _ in range(repeats):
+                    cores = coreTimes(SERVER_CPU), coreTimes(CLIENT_CPU)
                     outcome = runAb(issuer.pid, port, files, requests * 2, concurrency, timeLimit, folder)
+                    outcome["both_busy"] = (
+                        coreBusy(cores[0], coreTimes(SERVER_CPU)) + coreBusy(cores[1], coreTimes(CLIENT_CPU))
+                    ) / 2
                     runs.append(outcome)
                     print(
                         f"workers={workers} new connection c={concurrency} {outcome['rate']:8.0f}/s "
@@ -627,7 +631,7 @@ def compareWorkers(files: dict[str, str], requests: int, timeLimit: float, repea
                         flush=True,
                     )
                 row = {"workers": workers, "concurrency": concurrency, "runs": runs}
-                for metric in ("rate", "p50", "p99", "cpu_ms"):
+                for metric in ("rate", "p50", "p99", "cpu_ms", "both_busy"):
                     row[metric] = median(runs, metric)
                 row["errors"] = sum(run["errors"] for run in runs)
                 rows.append(row)
@@ -683,15 +687,16 @@ def write(results: dict, output: str, quick: bool) -> None:  # type: ignore[type
             "cores, ab runs on CPU 1, so the second worker shares a core with the load generator). "
             "CPU = CPU of all issuer processes per token.",
             "",
-            "| workers | conc. | tokens/s | vs 1 worker | p50 / p99 ms | CPU ms | CPU vs 1 worker | failed |",
-            "|---|---|---|---|---|---|---|---|",
+            "| workers | conc. | tokens/s | vs 1 worker | p50 / p99 ms | CPU ms | CPU vs 1 worker "
+            "| both cores busy % (issuer + ab) | failed |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for row in results["workers"]:
             base = single[row["concurrency"]]
             lines.append(
                 f"| {row['workers']} | {row['concurrency']} | {row['rate']:.0f} | {row['rate'] / base['rate']:.2f}x "
                 f"| {row['p50']:.2f} / {row['p99']:.2f} | {row['cpu_ms']:.3f} | {row['cpu_ms'] / base['cpu_ms']:.2f}x "
-                f"| {row['errors']} |"
+                f"| {row['both_busy']:.0f} | {row['errors']} |"
             )
         lines.append("")
     lines += [
