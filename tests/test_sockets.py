@@ -109,6 +109,26 @@ class WriteThroughTests(TestCase):
         self.assertEqual(await asker.done, b"head:question:tail")
         self.assertEqual(CountingServer.sends, [b"head:question:tail"])
 
+    async def test_abortDropsWhatTheReadWrote(self) -> None:
+        """As with Twisted's own transport: bytes written before abortConnection() are not sent."""
+
+        class Aborter(protocol.Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                self.transport.write(b"never sent")  # type: ignore[union-attr]
+                self.transport.abortConnection()  # type: ignore[union-attr]
+
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(protocol.Factory.forProtocol(Aborter))
+        self.addCleanup(port.stopListening)
+        sendAtOnce(port)
+
+        class Asker(Receiver):
+            def connectionMade(self) -> None:
+                self.transport.write(b"question")  # type: ignore[union-attr]
+
+        asker = Asker()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), asker)
+        self.assertEqual(await asker.done, b"")
+
     def test_otherPortsUntouched(self) -> None:
         class NotTCP:
             transport = object
