@@ -300,62 +300,23 @@ def fetchOnce(port: int, files: dict[str, str]) -> bytes:
     return body
 
 
-def keepAliveWorker(port, files, count, timeLimit, ready, go, results):  # type: ignore[no-untyped-def]
-    """One persistent connection: connect, report ready, wait, then send requests until done."""
-    latencies: list[float] = []
-    errors = 0
-    try:
-        sock = clientContext(files).wrap_socket(
-            socket.create_connection(("127.0.0.1", port), timeout=30), server_hostname="localhost"
-        )
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        payload = request(port, keepAlive=True)
-        buffer = bytearray()
-        ready.put(True)
-        go.wait()
-        deadline = time.monotonic() + timeLimit
-        clock = time.perf_counter
-        for _ in range(count):
-            started = clock()
-            sock.sendall(payload)
-            status, _ = readResponse(sock, buffer)
-            latencies.append(clock() - started)
-            if status != 200:
-                errors += 1
-            if time.monotonic() > deadline:
-                break
-        sock.close()
-    except Exception as error:  # noqa: BLE001 - reported to the parent
-        ready.put(False)
-        errors += 1
-        print("keep-alive worker:", error, file=sys.stderr)
-    results.put((latencies, errors, time.monotonic()))
-
-
-def resumingWorker(port, files, count, timeLimit, ready, go, results):  # type: ignore[no-untyped-def]
-    """A returning client: a new TLS connection per token, resuming the previous TLS session."""
+def _generate(name, prepare, count, timeLimit, ready, go, results):  # type: ignore[no-untyped-def]
+    """
+    One generator process: C{prepare()} connects and returns a function that
+    makes one request and returns (status, whether a TLS session was resumed);
+    report ready, wait for the start, then make requests until done.
+    """
     latencies: list[float] = []
     errors = resumed = 0
     try:
-        context = clientContext(files)
-        payload = request(port, keepAlive=False)
-
-        def once(session: ssl.SSLSession | None) -> tuple[int, ssl.SSLSession | None, bool]:
-            raw = socket.create_connection(("127.0.0.1", port), timeout=30)
-            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with context.wrap_socket(raw, server_hostname="localhost", session=session) as sock:
-                sock.sendall(payload)
-                status, _ = readResponse(sock, bytearray())
-                return status, sock.session, sock.session_reused
-
-        _, session, _ = once(None)  # the first visit: a full handshake, outside the measurement
+        once = prepare()
         ready.put(True)
         go.wait()
         deadline = time.monotonic() + timeLimit
         clock = time.perf_counter
         for _ in range(count):
             started = clock()
-            status, session, reused = once(session)
+            status, reused = once()
             latencies.append(clock() - started)
             resumed += reused
             if status != 200:
@@ -365,8 +326,50 @@ def resumingWorker(port, files, count, timeLimit, ready, go, results):  # type: 
     except Exception as error:  # noqa: BLE001 - reported to the parent
         ready.put(False)
         errors += 1
-        print("resuming worker:", error, file=sys.stderr)
+        print(f"{name} worker:", error, file=sys.stderr)
     results.put((latencies, errors, time.monotonic(), resumed))
+
+
+def keepAliveWorker(port, files, count, timeLimit, ready, go, results):  # type: ignore[no-untyped-def]
+    """One persistent connection, the same request over and over."""
+
+    def prepare():  # type: ignore[no-untyped-def]
+        sock = clientContext(files).wrap_socket(
+            socket.create_connection(("127.0.0.1", port), timeout=30), server_hostname="localhost"
+        )
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        payload, buffer = request(port, keepAlive=True), bytearray()
+
+        def once() -> tuple[int, bool]:
+            sock.sendall(payload)
+            return readResponse(sock, buffer)[0], False
+
+        return once
+
+    _generate("keep-alive", prepare, count, timeLimit, ready, go, results)
+
+
+def resumingWorker(port, files, count, timeLimit, ready, go, results):  # type: ignore[no-untyped-def]
+    """A returning client: a new TLS connection per token, resuming the previous TLS session."""
+
+    def prepare():  # type: ignore[no-untyped-def]
+        context = clientContext(files)
+        payload = request(port, keepAlive=False)
+        state: dict[str, ssl.SSLSession | None] = {"session": None}
+
+        def once() -> tuple[int, bool]:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with context.wrap_socket(raw, server_hostname="localhost", session=state["session"]) as sock:
+                sock.sendall(payload)
+                status, _ = readResponse(sock, bytearray())
+                state["session"] = sock.session
+                return status, sock.session_reused
+
+        once()  # the first visit: a full handshake, outside the measurement
+        return once
+
+    _generate("resuming", prepare, count, timeLimit, ready, go, results)
 
 
 def runKeepAlive(

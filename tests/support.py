@@ -246,6 +246,27 @@ class IssuerProcess:
         return status
 
 
+def issuerCommand(pki: TestPKI, *arguments: str) -> list[str]:
+    """The real twistd command for the PKI's files on a free loopback port, no admin listener, plus C{arguments}."""
+    return [
+        *TWISTD,
+        "-n",
+        "--pidfile=",
+        "tokenissuer",
+        "--listen",
+        "tcp:0:interface=127.0.0.1",
+        "--admin-listen",
+        "off",
+        "--cert",
+        pki.path("server.crt"),
+        "--key",
+        pki.path("server.pem"),
+        "--client-ca",
+        pki.path("ca.pem"),
+        *arguments,
+    ]
+
+
 def spawnIssuer(testCase: Any, pki: TestPKI, *arguments: str, environ: dict[str, str] | None = None) -> IssuerProcess:
     """
     Start the real command on a free loopback port with the PKI's files and the
@@ -253,23 +274,7 @@ def spawnIssuer(testCase: Any, pki: TestPKI, *arguments: str, environ: dict[str,
     C{environ} adds variables to its environment.
     """
     process = subprocess.Popen(
-        [
-            *TWISTD,
-            "-n",
-            "--pidfile=",
-            "tokenissuer",
-            "--listen",
-            "tcp:0:interface=127.0.0.1",
-            "--admin-listen",
-            "off",
-            "--cert",
-            pki.path("server.crt"),
-            "--key",
-            pki.path("server.pem"),
-            "--client-ca",
-            pki.path("ca.pem"),
-            *arguments,
-        ],
+        issuerCommand(pki, *arguments),
         env=cleanEnviron(TOK_ISS_HMAC_SECRET=TEST_HMAC_KEY, **(environ or {})),
         cwd=pki.folder,
         stdout=subprocess.PIPE,

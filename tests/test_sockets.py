@@ -72,8 +72,24 @@ class CountingServer(WriteThroughServer):
         return super().writeSomeData(data)
 
 
+class Asker(Receiver):
+    def connectionMade(self) -> None:
+        self.transport.write(b"question")  # type: ignore[union-attr]
+
+
 class WriteThroughTests(TestCase):
     timeout = 60
+
+    async def ask(self, answering: type[protocol.Protocol], transport: type = WriteThroughServer) -> bytes:
+        """Send one question to a server speaking C{answering} on C{transport}s; all it sends back."""
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            protocol.Factory.forProtocol(answering)
+        )
+        self.addCleanup(port.stopListening)
+        port.transport = transport  # type: ignore[attr-defined]
+        asker = Asker()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), asker)
+        return await asker.done
 
     async def test_everyByteInOrder(self) -> None:
         factory = protocol.Factory.forProtocol(Sender)
@@ -94,19 +110,7 @@ class WriteThroughTests(TestCase):
         close, and no empty send precedes the close.
         """
         CountingServer.sends = []
-        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            protocol.Factory.forProtocol(Answerer)
-        )
-        self.addCleanup(port.stopListening)
-        port.transport = CountingServer  # type: ignore[attr-defined]
-
-        class Asker(Receiver):
-            def connectionMade(self) -> None:
-                self.transport.write(b"question")  # type: ignore[union-attr]
-
-        asker = Asker()
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), asker)
-        self.assertEqual(await asker.done, b"head:question:tail")
+        self.assertEqual(await self.ask(Answerer, CountingServer), b"head:question:tail")
         self.assertEqual(CountingServer.sends, [b"head:question:tail"])
 
     async def test_abortDropsWhatTheReadWrote(self) -> None:
@@ -117,17 +121,7 @@ class WriteThroughTests(TestCase):
                 self.transport.write(b"never sent")  # type: ignore[union-attr]
                 self.transport.abortConnection()  # type: ignore[union-attr]
 
-        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(protocol.Factory.forProtocol(Aborter))
-        self.addCleanup(port.stopListening)
-        sendAtOnce(port)
-
-        class Asker(Receiver):
-            def connectionMade(self) -> None:
-                self.transport.write(b"question")  # type: ignore[union-attr]
-
-        asker = Asker()
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), asker)
-        self.assertEqual(await asker.done, b"")
+        self.assertEqual(await self.ask(Aborter), b"")
 
     def test_otherPortsUntouched(self) -> None:
         class NotTCP:

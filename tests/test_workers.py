@@ -42,7 +42,7 @@ from tokenissuer.workers import (
 
 from . import test_operations
 from .consumer import consumerVerify
-from .support import TEST_HMAC_KEY, TWISTD, Client, IssuerProcess, TestPKI, cleanEnviron, spawnIssuer
+from .support import TEST_HMAC_KEY, Client, IssuerProcess, TestPKI, cleanEnviron, issuerCommand, spawnIssuer
 from .test_deploy import freePort
 from .test_operations import adminGet, metricValue
 
@@ -584,24 +584,7 @@ class WorkersRefusalTests(TestCase):
         for value in ("0", "x"):
             with self.subTest(value=value):
                 result = subprocess.run(
-                    [
-                        *TWISTD,
-                        "-n",
-                        "--pidfile=",
-                        "tokenissuer",
-                        "--listen",
-                        "tcp:0:interface=127.0.0.1",
-                        "--admin-listen",
-                        "off",
-                        "--cert",
-                        pki.path("server.crt"),
-                        "--key",
-                        pki.path("server.pem"),
-                        "--client-ca",
-                        pki.path("ca.pem"),
-                        "--workers",
-                        value,
-                    ],
+                    issuerCommand(pki, "--workers", value),
                     env=cleanEnviron(TOK_ISS_HMAC_SECRET=TEST_HMAC_KEY),
                     capture_output=True,
                     text=True,
