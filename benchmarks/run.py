@@ -408,18 +408,42 @@ def runKeepAlive(
     for worker in workers:
         worker.join()
     latencies.sort()
-    done = len(latencies) - errors
     elapsed = finished - started
+    return figures(
+        len(latencies) - errors,
+        errors,
+        elapsed,
+        elapsed,
+        cpuUsed,
+        clientBusy,
+        1000 * latencies[len(latencies) // 2],
+        1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+        resumed=resumed,
+    )
+
+
+def figures(
+    done: int,
+    errors: int,
+    elapsed: float,
+    wall: float,
+    cpuUsed: float,
+    clientBusy: float,
+    p50: float,
+    p99: float,
+    **extra: object,
+) -> dict:  # type: ignore[type-arg]
+    """One run's figures: rate over C{elapsed}, server busy share over C{wall}, CPU per completed request."""
     return {
         "done": done,
         "errors": errors,
         "rate": done / elapsed,
-        "server_busy": 100 * cpuUsed / elapsed,
+        "server_busy": 100 * cpuUsed / wall,
         "client_busy": clientBusy,
-        "p50": 1000 * latencies[len(latencies) // 2],
-        "p99": 1000 * latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+        "p50": p50,
+        "p99": p99,
         "cpu_ms": 1000 * cpuUsed / max(done, 1),
-        "resumed": resumed,
+        **extra,
     }
 
 
@@ -452,17 +476,7 @@ def runAb(
     elapsed = float(re.search(r"Time taken for tests:\s+([\d.]+)", text).group(1))  # type: ignore[union-attr]
     with open(percentiles) as handle:
         table = {int(float(row[0])): float(row[1]) for row in csv.reader(handle) if row[0][0].isdigit()}
-    good = max(done - errors, 0)
-    return {
-        "done": good,
-        "errors": errors,
-        "rate": good / elapsed,
-        "server_busy": 100 * cpuUsed / wall,
-        "client_busy": clientBusy,
-        "p50": table[50],
-        "p99": table[99],
-        "cpu_ms": 1000 * cpuUsed / max(good, 1),
-    }
+    return figures(max(done - errors, 0), errors, elapsed, wall, cpuUsed, clientBusy, table[50], table[99])
 
 
 def holdIdleConnections(pid: int, port: int, files: dict[str, str], count: int) -> dict:  # type: ignore[type-arg]

@@ -312,19 +312,18 @@ class IssuerService(service.Service):
 
             from tokenissuer.audit import jsonLineObserver, textLineObserver
 
+            # A worker writing the shared log itself tags each line as its own; a
+            # relaying worker sends JSON lines to its supervisor, which logs them
+            # in the configured format.
             worker = self.worker
+            extra: dict[str, Any] | None = None
+            tag = ""
             if worker is not None and worker.directLog:
-                # The worker writes the shared log itself, each line tagged as the worker's.
-                if self.settings.logFormat == "json":
-                    extra = {"worker": worker.index, "worker_pid": os.getpid()}
-                    parent.setComponent(ILogObserver, jsonLineObserver(sys.stdout, extra=extra))
-                else:
-                    parent.setComponent(ILogObserver, textLineObserver(sys.stdout, tag=worker.tag))
-            elif self.settings.logFormat == "json" or worker is not None:
-                # A relaying worker's JSON lines go to its supervisor, which logs them in the configured format.
-                parent.setComponent(ILogObserver, jsonLineObserver(sys.stdout))
-            elif self.textLogToStdout:
-                parent.setComponent(ILogObserver, textLineObserver(sys.stdout))
+                extra, tag = {"worker": worker.index, "worker_pid": os.getpid()}, worker.tag
+            if self.settings.logFormat == "json" or (worker is not None and not worker.directLog):
+                parent.setComponent(ILogObserver, jsonLineObserver(sys.stdout, extra=extra))
+            elif tag or self.textLogToStdout:
+                parent.setComponent(ILogObserver, textLineObserver(sys.stdout, tag=tag))
         super().setServiceParent(parent)
 
     def _jwks(self) -> dict[str, Any] | None:

@@ -36,16 +36,17 @@ class SignerKeyError(ValueError):
     """The signing key is unusable; the message never contains the key."""
 
 
+def _b64urlBytes(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
 def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    return _b64urlBytes(data).decode("ascii")
 
 
 def _jsonBytes(document: Any, sortKeys: bool = False) -> bytes:
+    """Compact JSON (no spaces), as JWS segments and RFC 7638 thumbprints want it."""
     return json.dumps(document, separators=(",", ":"), sort_keys=sortKeys).encode("utf-8")
-
-
-def _b64urlBytes(data: bytes) -> bytes:
-    return base64.urlsafe_b64encode(data).rstrip(b"=")
 
 
 class RandomJTI:
@@ -101,8 +102,8 @@ def publicJwk(publicKey: Any, algorithm: str, kid: str | None = None) -> dict[st
 def jwkThumbprint(jwk: dict[str, str]) -> str:
     """RFC 7638 thumbprint: SHA-256 over the required members in lexical order."""
     required = {"EC": ("crv", "kty", "x", "y"), "OKP": ("crv", "kty", "x")}[jwk["kty"]]
-    canonical = json.dumps({name: jwk[name] for name in required}, separators=(",", ":"), sort_keys=True)
-    return _b64url(hashlib.sha256(canonical.encode("ascii")).digest())
+    canonical = _jsonBytes({name: jwk[name] for name in required}, sortKeys=True)
+    return _b64url(hashlib.sha256(canonical).digest())
 
 
 @dataclass(frozen=True)

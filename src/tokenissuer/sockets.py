@@ -38,19 +38,22 @@ class WriteThroughServer(tcp.Server):
             if collected:
                 self.write(b"".join(collected))
 
+    def _nothingQueued(self) -> bool:
+        return not self._tempDataLen and self.offset == len(self.dataBuffer)
+
     def write(self, data: bytes) -> None:
-        if self._duringRead is not None and data and isinstance(data, bytes):
+        if not data or not isinstance(data, bytes):
+            super().write(data)  # nothing to send, or Twisted's TypeError
+            return
+        if self._duringRead is not None:
             self._duringRead.append(data)
             return
         if (
-            data
-            and self.connected
+            self.connected
             and not self.disconnecting
             and not self._aborting
             and not self._writeDisconnected
-            and not self._tempDataLen
-            and self.offset == len(self.dataBuffer)
-            and isinstance(data, bytes)
+            and self._nothingQueued()
         ):
             try:
                 sent = self._sendNow(data)
@@ -67,12 +70,7 @@ class WriteThroughServer(tcp.Server):
         return self.socket.send(data)
 
     def doWrite(self) -> Any:
-        if (
-            self.disconnecting
-            and self.producer is None
-            and not self._tempDataLen
-            and self.offset == len(self.dataBuffer)
-        ):
+        if self.disconnecting and self.producer is None and self._nothingQueued():
             # Closing with nothing left to send: close now, without Twisted's empty send first.
             self.stopWriting()
             return self._postLoseConnection()

@@ -327,14 +327,20 @@ class IssuerChannel(http.HTTPChannel):
 
 
 def _send(
-    request: server.Request, status: int, document: dict[str, Any] | None, headers: list[tuple[bytes, bytes]]
+    request: server.Request,
+    status: int,
+    document: dict[str, Any] | bytes | None,
+    headers: list[tuple[bytes, bytes]],
 ) -> bytes:
+    """Set the status and headers; return the JSON body (C{document}, or its bytes already encoded)."""
     request.setResponseCode(status)
     for name, value in headers:
         request.setHeader(name, value)
     if document is None:
         return b""
     request.setHeader(b"Content-Type", b"application/json")
+    if isinstance(document, bytes):
+        return document
     return json.dumps(document, separators=(",", ":")).encode("utf-8")
 
 
@@ -570,10 +576,9 @@ class IssueResource(resource.Resource):
             peer=peer,
             origin=origin,
         )
-        _send(request, 200, None, headers)
-        request.setHeader(b"Content-Type", b"application/json")
         # What json.dumps makes of {"token": ..., "expires_in": ...}: a JWT is base64url and dots only.
-        return b'{"token":"%s","expires_in":%d}' % (minted.token.encode("ascii"), self.policy.signer.ttl)
+        body = b'{"token":"%s","expires_in":%d}' % (minted.token.encode("ascii"), self.policy.signer.ttl)
+        return _send(request, 200, body, headers)
 
 
 def buildResourceTree(
